@@ -1,0 +1,1 @@
+"""A tracked character-level GPT pipeline: data, model, training, evaluation, sampling, tracking."""

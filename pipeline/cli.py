@@ -1,0 +1,83 @@
+"""The command line: `python -m pipeline <command> --help`. The DVC stages call it too."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+STAGES = {
+    "prepare": "build the vocabulary, split and encode data/<example>/input.txt",
+    "train": "train the model and log the run to MLflow",
+    "evaluate": "whole-split loss, perplexity, bits per character (and word metrics) into metrics.json",
+    "sample": "write samples (text, or word completions) from the trained model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description="A tracked character-level GPT: prepare, train, evaluate, sample, compare."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_text in STAGES.items():
+        stage = commands.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--example", required=True, help="a top-level section of the params file, e.g. toy")
+        stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
+        stage.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
+        )
+        if name == "train":
+            stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compare = commands.add_parser(
+        "compare", help="table of the MLflow runs, best validation loss first",
+        description="Print the MLflow runs with their key parameters and final metrics, best validation loss first.",
+    )
+    compare.add_argument("--example", help="only runs of this example")
+    compare.add_argument("--experiment", help="only runs of this MLflow experiment")
+    compare.add_argument("--csv", type=Path, help="also save the table as CSV here")
+    return parser
+
+
+def run_stage(args) -> None:
+    from pipeline import commands
+    from pipeline.config import ExamplePaths, example_params, load_params
+    from pipeline.tracking import Tracker
+
+    params = example_params(load_params(args.params, args.overrides), args.example, args.params)
+    paths = ExamplePaths(Path.cwd(), args.example)
+    if args.command == "prepare":
+        commands.prepare_example(params, paths)
+    elif args.command == "train":
+        commands.train_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
+    elif args.command == "evaluate":
+        commands.evaluate_example(params, paths, Tracker.for_project())
+    else:
+        commands.sample_example(params, paths, Tracker.for_project())
+
+
+def run_compare(args) -> None:
+    import pandas as pd
+
+    from pipeline.files import write_text
+    from pipeline.tracking import Tracker, runs_table
+
+    tracker = Tracker.for_project()
+    table = runs_table(tracker, args.example, args.experiment)
+    if table.empty:
+        print(f"no runs in {tracker.uri}")
+    else:
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+            print(table.to_string(index=False))
+    if args.csv:
+        write_text(args.csv, table.to_csv(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_compare(args) if args.command == "compare" else run_stage(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,251 @@
+"""Typed parameters for every stage, read from `params.yaml` and validated once, at the edge.
+
+`params.yaml` holds one section per example (`toy`, `shakespeare`, ...), each with the keys
+`data`, `model`, `train`, `evaluate` and `sample`. Every problem in the file is reported at
+once, each with its key path, before any work starts.
+"""
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+from pipeline.model import STRICT, ModelConfig
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+@dataclass(config=STRICT)
+class WordsData:
+    """A list of words; validation holds out whole words."""
+
+    kind: Literal["words"]
+    val_fraction: Fraction
+    seed: int
+    repeats: PositiveInt  # shuffled passes over the training words in the token stream
+
+
+@dataclass(config=STRICT)
+class TextData:
+    """Running text; validation is the last contiguous `val_fraction` of it."""
+
+    kind: Literal["text"]
+    val_fraction: Fraction
+
+
+DataParams = Annotated[WordsData | TextData, Field(discriminator="kind")]
+
+
+@dataclass(config=STRICT)
+class TrainParams:
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+    precision: Literal["auto", "float32", "bfloat16"]  # auto: bf16 autocast on CUDA only
+    max_steps: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    min_lr: NonNegativeFloat
+    warmup_steps: NonNegativeInt
+    weight_decay: NonNegativeFloat
+    beta1: Beta
+    beta2: Beta
+    grad_clip: NonNegativeFloat  # 0 turns clipping off
+    eval_interval: PositiveInt
+    eval_batches: PositiveInt
+    seed: int
+
+    def __post_init__(self):
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+
+
+@dataclass(config=STRICT)
+class WordEvalParams:
+    samples: PositiveInt  # words sampled to measure how many are real
+    temperature: PositiveFloat
+    seed: int
+
+
+@dataclass(config=STRICT)
+class EvaluateParams:
+    batch_size: PositiveInt
+    words: WordEvalParams | None = None  # word metrics, for a `words` example
+
+
+@dataclass(config=STRICT)
+class SampleParams:
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    num_samples: PositiveInt
+    max_new_tokens: PositiveInt
+    temperature: NonNegativeFloat  # 0 is greedy
+    top_k: NonNegativeInt | None  # 0 or null: no top-k cut
+    seed: int
+
+
+@dataclass(config=STRICT)
+class ExampleParams:
+    data: DataParams
+    model: ModelConfig
+    train: TrainParams
+    evaluate: EvaluateParams
+    sample: SampleParams
+
+    def __post_init__(self):
+        if self.data.kind == "words" and self.evaluate.words is None:
+            raise ValueError("evaluate.words is required for a word-list example")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExamplePaths:
+    """Where each stage of one example reads and writes, relative to the project root."""
+
+    root: Path
+    example: str
+
+    @property
+    def input(self) -> Path:
+        return self.root / "data" / self.example / "input.txt"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / self.example / "prepared"
+
+    @property
+    def train_tokens(self) -> Path:
+        return self.prepared / "train.bin"
+
+    @property
+    def val_tokens(self) -> Path:
+        return self.prepared / "val.bin"
+
+    @property
+    def meta(self) -> Path:
+        return self.prepared / "meta.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "models" / self.example
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.model_dir / "ckpt.pt"
+
+    @property
+    def run_info(self) -> Path:
+        """The MLflow run this model was trained in; evaluate and sample log into it."""
+        return self.model_dir / "run.json"
+
+    @property
+    def history(self) -> Path:
+        return self.model_dir / "history.csv"
+
+    @property
+    def evals(self) -> Path:
+        return self.model_dir / "evals.csv"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.model_dir / "loss.png"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.model_dir / "train.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.model_dir / "metrics.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.model_dir / "samples.txt"
+
+
+PARAMS_SCHEMA = TypeAdapter(dict[str, ExampleParams])
+KNOWN_KEYS = sorted(
+    {f.name for cls in (WordsData, TextData, ModelConfig, TrainParams, WordEvalParams, EvaluateParams,
+                        SampleParams, ExampleParams) for f in dataclasses.fields(cls)}
+)
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(error: dict) -> str:
+    loc = list(error["loc"])
+    if loc[1:2] == ["data"] and len(loc) > 2 and loc[2] in ("words", "text"):
+        del loc[2]  # pydantic names the chosen `kind` in the path; the file does not
+    path = ".".join(str(part) for part in loc)
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{path}: unknown key{did_you_mean(str(error['loc'][-1]), KNOWN_KEYS)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{path}: missing key"
+    if error["type"] != "value_error":
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`toy.train.max_steps=100` -> (['toy', 'train', 'max_steps'], 100), values read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise PipelineError(f"override '{text}' must look like key.path=value")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise PipelineError(f"override '{text}': '{key}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def read_params_file(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise PipelineError(f"{path} must map example names to their parameters")
+    return raw
+
+
+def load_params(path: Path, overrides: list[str] = ()) -> dict[str, ExampleParams]:
+    """Every example's parameters from `path`, or one PipelineError listing every problem."""
+    raw = apply_overrides(read_params_file(path), list(overrides))
+    try:
+        return PARAMS_SCHEMA.validate_python(raw)
+    except ValidationError as e:
+        problems = "\n".join(f"  {_describe(err)}" for err in e.errors())
+        count = e.error_count()
+        raise PipelineError(f"{path} has {count} problem{'s' * (count > 1)}:\n{problems}") from None
+
+
+def example_params(params: dict[str, ExampleParams], example: str, source: Path) -> ExampleParams:
+    if example not in params:
+        raise PipelineError(
+            f"unknown example '{example}'{did_you_mean(example, params)}; {source} defines: {', '.join(params)}"
+        )
+    return params[example]
+
+
+def as_dict(params) -> dict:
+    return dataclasses.asdict(params)

@@ -1,0 +1,100 @@
+"""Deterministic metrics of a trained model: whole-split loss and, for word lists, word metrics."""
+
+import math
+from collections import Counter, defaultdict
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.config import WordEvalParams
+from pipeline.data import BOUNDARY, Dataset, Vocabulary
+from pipeline.model import GPT
+from pipeline.sampling import make_generator, sample_words
+from pipeline.training import autocast
+
+
+def block_windows(tokens: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every next-token prediction of `tokens` once, in consecutive block-sized windows."""
+    n_targets = len(tokens) - 1
+    n_full = n_targets // block_size * block_size
+    windows = [(tokens[:n_full].view(-1, block_size), tokens[1 : n_full + 1].view(-1, block_size))]
+    if n_full < n_targets:
+        windows.append((tokens[n_full:n_targets][None], tokens[n_full + 1 :][None]))
+    return windows
+
+
+def word_windows(tokens: torch.Tensor, boundary: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every next-token prediction of a word stream once, each word seen from its start.
+
+    Window k runs from the boundary before word k to the one after it, so a word's letters
+    and its ending are predicted with the whole word so far in view.
+    """
+    edges = torch.nonzero(tokens == boundary).flatten().tolist()
+    by_length = defaultdict(list)
+    for start, end in zip(edges, edges[1:]):
+        by_length[end - start].append(tokens[start : end + 1])
+    return [(torch.stack(w)[:, :-1], torch.stack(w)[:, 1:]) for w in by_length.values()]
+
+
+@torch.no_grad()
+def split_loss(model: GPT, windows: list, batch_size: int, device, precision: str = "auto") -> float:
+    """Mean next-token loss over all the windows' targets, deterministically."""
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in windows:
+        for i in range(0, len(inputs), batch_size):
+            x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
+            with autocast(device, precision):
+                logits, _ = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    return total / count
+
+
+def eval_windows(dataset: Dataset, split: str, block_size: int) -> list:
+    tokens = getattr(dataset, split)
+    if dataset.meta["kind"] == "words":
+        return word_windows(tokens, dataset.vocab.encode(BOUNDARY)[0])
+    return block_windows(tokens, block_size)
+
+
+def loss_metrics(loss: float) -> dict[str, float]:
+    return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2)}
+
+
+@torch.no_grad()
+def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device) -> float:
+    """Share of words whose last letter is the model's likeliest character after the rest."""
+    by_length = defaultdict(list)
+    for word in words:
+        by_length[len(word)].append(word)
+    correct = 0
+    for same_length in by_length.values():
+        contexts = torch.tensor([vocab.encode(BOUNDARY + w[:-1]) for w in same_length], device=device)
+        predicted = model.next_token_probs(contexts).argmax(dim=-1).tolist()
+        correct += sum(vocab.chars[p] == w[-1] for p, w in zip(predicted, same_length))
+    return correct / len(words)
+
+
+def last_letter_ceiling(words: list[str]) -> float:
+    """The best last-letter accuracy possible: `COR` ends both CORE and CORN, so one must miss."""
+    endings = defaultdict(Counter)
+    for word in words:
+        endings[word[:-1]][word[-1]] += 1
+    return sum(c.most_common(1)[0][1] for c in endings.values()) / len(words)
+
+
+@torch.no_grad()
+def word_metrics(model: GPT, dataset: Dataset, params: WordEvalParams, device) -> dict[str, float]:
+    words = dataset.words
+    known = set(words)
+    sampled = sample_words(
+        model, dataset.vocab, "", params.samples, dataset.meta["max_word_length"] + 1,
+        params.temperature, None, make_generator(params.seed, device), device,
+    )
+    return {
+        "valid_share": sum(w in known for w in sampled) / len(sampled),
+        "coverage": len(known.intersection(sampled)) / len(known),
+        "last_letter_accuracy": last_letter_accuracy(model, dataset.vocab, words, device),
+        "last_letter_ceiling": last_letter_ceiling(words),
+    }

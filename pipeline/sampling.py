@@ -1,0 +1,98 @@
+"""Text from a trained model: free samples from prompts, and completions of word prefixes."""
+
+import dataclasses
+
+import torch
+
+from pipeline.config import SampleParams
+from pipeline.data import BOUNDARY, Vocabulary
+from pipeline.errors import PipelineError
+from pipeline.model import GPT
+
+
+def check_prompts(vocab: Vocabulary, prompts: list[str]) -> None:
+    """Fail before any sampling if any prompt has a character the model has never seen."""
+    bad = {prompt: vocab.unknown(prompt) for prompt in prompts if vocab.unknown(prompt)}
+    if bad:
+        details = "; ".join(f"{p!r} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
+        raise PipelineError(
+            f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}"
+        )
+
+
+def _context(vocab: Vocabulary, text: str, copies: int, device) -> torch.Tensor:
+    return torch.tensor([vocab.encode(text, "prompt")] * copies, dtype=torch.long, device=device)
+
+
+def make_generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_texts(model: GPT, vocab: Vocabulary, prompt: str, params: SampleParams, generator, device) -> list[str]:
+    out = model.generate(
+        _context(vocab, prompt, params.num_samples, device),
+        params.max_new_tokens,
+        params.temperature,
+        params.top_k,
+        generator,
+    )
+    return [vocab.decode(row.tolist()) for row in out]
+
+
+def sample_words(model: GPT, vocab: Vocabulary, prefix: str, count: int, max_new_tokens: int,
+                 temperature: float, top_k, generator, device) -> list[str]:
+    """Words that start with `prefix`, each ended at the first boundary the model emits."""
+    out = model.generate(
+        _context(vocab, BOUNDARY + prefix, count, device), max_new_tokens, temperature, top_k, generator
+    )
+    continuations = (vocab.decode(row[len(prefix) + 1 :].tolist()) for row in out)
+    return [prefix + text.split(BOUNDARY, 1)[0] for text in continuations]
+
+
+def next_char_table(model: GPT, vocab: Vocabulary, context: str, k: int, device) -> list[tuple[str, float]]:
+    """The `k` likeliest next characters after `context`, with their probabilities."""
+    probs = model.next_token_probs(_context(vocab, context, 1, device))[0]
+    top = torch.topk(probs, min(k, vocab.size))
+    return [(vocab.chars[i], p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
+
+
+@dataclasses.dataclass
+class WordCompletion:
+    prefix: str
+    answer: str  # the greedy completion
+    next_chars: list[tuple[str, float]]
+    samples: list[str]
+
+
+def complete_word(model: GPT, vocab: Vocabulary, prefix: str, params: SampleParams, generator, device):
+    greedy = sample_words(model, vocab, prefix, 1, params.max_new_tokens, 0.0, None, None, device)[0]
+    samples = sample_words(
+        model, vocab, prefix, params.num_samples, params.max_new_tokens, params.temperature, params.top_k,
+        generator, device,
+    )
+    return WordCompletion(prefix, greedy, next_char_table(model, vocab, BOUNDARY + prefix, 3, device), samples)
+
+
+def show_char(ch: str) -> str:
+    return {" ": "␠", "\n": "⏎"}.get(ch, ch)
+
+
+def format_completion(c: WordCompletion) -> str:
+    nexts = " | ".join(f"{show_char(ch)} {p:6.1%}" for ch, p in c.next_chars)
+    return f"{c.prefix} -> {c.answer}\n  next: {nexts}\n  samples: {' '.join(c.samples)}\n"
+
+
+def format_texts(prompt: str, texts: list[str]) -> str:
+    rule = "-" * 60
+    return "".join(f"{rule}\nprompt {prompt!r}, sample {i + 1}\n{rule}\n{t}\n" for i, t in enumerate(texts))
+
+
+@torch.no_grad()
+def sample_report(model: GPT, vocab: Vocabulary, params: SampleParams, word_list: bool, device) -> str:
+    """The sample stage's text: word completions for a word list, free text otherwise."""
+    check_prompts(vocab, params.prompts)
+    model.eval()
+    generator = make_generator(params.seed, device)
+    if word_list:
+        return "".join(format_completion(complete_word(model, vocab, p, params, generator, device)) for p in params.prompts)
+    return "".join(format_texts(p, sample_texts(model, vocab, p, params, generator, device)) for p in params.prompts)

@@ -1,0 +1,212 @@
+"""MLflow tracking: one run per trained model, which evaluate and sample log into as well.
+
+The store is `sqlite:///<project root>/mlflow.db` unless `MLFLOW_TRACKING_URI` names another
+(a shared `mlflow server`, say). The project root is `DVC_ROOT` when DVC set it, so that
+`dvc exp run --temp` and queued experiments, which run in a temporary copy, log into the
+workspace's store and artifact folder rather than into the copy.
+"""
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.files import read_json, write_json
+from pipeline.training import EvalRecord, StepRecord
+
+BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def git_commit() -> str:
+    """The commit the code came from; in a DVC experiment, the experiment's baseline."""
+    if baseline := os.environ.get("DVC_EXP_BASELINE_REV"):
+        return baseline
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def run_tags(example: str, device: torch.device) -> dict[str, str]:
+    commit = git_commit()
+    tags = {
+        "example": example,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "device": str(device),
+        "torch_version": torch.__version__,
+    }
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = exp_name
+    return tags
+
+
+def _metrics(values: dict[str, float], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items()]
+
+
+@dataclasses.dataclass
+class Tracker:
+    """An MLflow client bound to one store, and where local artifacts of that store go."""
+
+    client: MlflowClient
+    uri: str
+    root: Path
+
+    @classmethod
+    def for_project(cls, root: Path | None = None) -> "Tracker":
+        root = root or project_root()
+        uri = tracking_uri(root)
+        return cls(MlflowClient(tracking_uri=uri), uri, root)
+
+    def experiment_id(self, name: str) -> str:
+        if experiment := self.client.get_experiment_by_name(name):
+            return experiment.experiment_id
+        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        location = (self.root / "mlartifacts" / name).as_uri() if local else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it a moment ago
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict) -> str:
+        try:
+            run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=run_name)
+        except MlflowException as e:
+            raise PipelineError(f"cannot start an MLflow run in {self.uri}: {e}") from None
+        params = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def active(self, run_id: str):
+        """Mark the run RUNNING while the block runs, then FINISHED, FAILED or KILLED."""
+        self.client.update_run(run_id, status="RUNNING")
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.client.set_terminated(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+        metrics = _metrics(values, step)
+        self.log_metric_batch(run_id, metrics)
+
+    def log_metric_batch(self, run_id: str, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), BATCH_LIMIT):
+            self.client.log_batch(run_id, metrics=metrics[i : i + BATCH_LIMIT])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def save_run_info(path: Path, tracker: Tracker, run_id: str) -> None:
+    write_json(path, {"run_id": run_id, "tracking_uri": tracker.uri})
+
+
+def load_run_id(path: Path, tracker: Tracker) -> str:
+    """The run a model was trained in, checked to exist in this store."""
+    info = read_json(path)
+    try:
+        tracker.client.get_run(info["run_id"])
+    except (MlflowException, KeyError):
+        raise PipelineError(
+            f"{path} names MLflow run {info.get('run_id')!r} (store {info.get('tracking_uri')}), which is not in "
+            f"{tracker.uri}: train again, or point MLFLOW_TRACKING_URI at that store"
+        ) from None
+    return info["run_id"]
+
+
+class TrainingLogger:
+    """Buffers per-step metrics and sends them in batches at every evaluation."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id, self.pending = tracker, run_id, []
+
+    def on_step(self, record: StepRecord) -> None:
+        values = {"train_loss": record.train_loss, "lr": record.lr, "tokens_per_sec": record.tokens_per_sec}
+        self.pending += _metrics(values, record.step)
+
+    def on_eval(self, record: EvalRecord) -> None:
+        self.pending += _metrics({"val_loss": record.val_loss, "train_loss_eval": record.train_loss}, record.step)
+        self.flush()
+
+    def flush(self) -> None:
+        self.tracker.log_metric_batch(self.run_id, self.pending)
+        self.pending = []
+
+
+SUMMARY_COLUMNS = {
+    "tags.example": "example",
+    "experiment": "experiment",
+    "tags.mlflow.runName": "run",
+    "params.model.n_layer": "n_layer",
+    "params.model.n_head": "n_head",
+    "params.model.n_embd": "n_embd",
+    "params.model.block_size": "block",
+    "params.train.learning_rate": "lr",
+    "params.train.max_steps": "steps",
+    "params.train.batch_size": "batch",
+    "metrics.eval.train.loss": "train_loss",
+    "metrics.eval.val.loss": "val_loss",
+    "metrics.eval.val.bpc": "val_bpc",
+    "metrics.eval.words.valid_share": "valid_words",
+    "metrics.train_seconds": "seconds",
+    "run_id": "run_id",
+}
+
+
+def runs_table(tracker: Tracker, example: str | None = None, experiment: str | None = None) -> pd.DataFrame:
+    """One row per run with its key parameters and final metrics, best validation loss first."""
+    experiments = {e.experiment_id: e.name for e in tracker.client.search_experiments()}
+    if experiment is not None:
+        experiments = {i: n for i, n in experiments.items() if n == experiment}
+        if not experiments:
+            raise PipelineError(f"no MLflow experiment named '{experiment}' in {tracker.uri}")
+    filter_string = f"tags.example = '{example}'" if example else ""
+    runs = tracker.client.search_runs(list(experiments), filter_string, max_results=10_000) if experiments else []
+    rows = []
+    for run in runs:
+        row = {"run_id": run.info.run_id, "experiment": experiments[run.info.experiment_id]}
+        row |= {f"tags.{k}": v for k, v in run.data.tags.items()}
+        row |= {f"params.{k}": v for k, v in run.data.params.items()}
+        row |= {f"metrics.{k}": v for k, v in run.data.metrics.items()}
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).rename(columns=SUMMARY_COLUMNS)
+    return table.sort_values("val_loss", na_position="last").reset_index(drop=True)

@@ -1,0 +1,180 @@
+"""The one training loop: the train stage, the sweeps and the tests all call `train()`."""
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainParams
+from pipeline.data import Dataset, random_batch
+from pipeline.errors import PipelineError
+from pipeline.model import GPT
+
+
+@dataclasses.dataclass
+class StepRecord:
+    step: int
+    train_loss: float
+    lr: float
+    tokens_per_sec: float
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    step: int
+    train_loss: float
+    val_loss: float
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    history: list[StepRecord]
+    evals: list[EvalRecord]
+    seconds: float
+
+    @property
+    def steps(self) -> int:
+        return self.history[-1].step if self.history else 0
+
+    @property
+    def best_val_loss(self) -> float:
+        return min(e.val_loss for e in self.evals)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Mean training throughput, leaving out the first step's warm-up."""
+        rates = [h.tokens_per_sec for h in self.history[1:]] or [h.tokens_per_sec for h in self.history]
+        return float(np.mean(rates))
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError(f"train.device is '{name}' but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise PipelineError(f"train.device is '{name}' but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default; float32 elsewhere unless asked for."""
+    use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate_at(step: int, params: TrainParams) -> float:
+    """Linear warm-up to `learning_rate`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < params.warmup_steps:
+        return params.learning_rate * (step + 1) / params.warmup_steps
+    decay_steps = max(1, params.max_steps - params.warmup_steps)
+    progress = min(1.0, (step - params.warmup_steps) / decay_steps)
+    return params.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (params.learning_rate - params.min_lr)
+
+
+def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.optimizer_groups(params.weight_decay),
+        lr=params.learning_rate,
+        betas=(params.beta1, params.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def fixed_batches(dataset: Dataset, split: str, params: TrainParams, block_size: int, seed: int) -> list:
+    """The same evaluation batches at every evaluation, so the curve is not sampling noise."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, starts = getattr(dataset, split), dataset.window_starts(split, block_size)
+    return [random_batch(tokens, params.batch_size, block_size, generator, starts) for _ in range(params.eval_batches)]
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches: list, device: torch.device, precision: str) -> float:
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast(device, precision):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(
+    model: GPT,
+    dataset: Dataset,
+    params: TrainParams,
+    device: torch.device,
+    on_step: Callable[[StepRecord], None] | None = None,
+    on_eval: Callable[[EvalRecord], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
+
+    `on_eval` sees every evaluation (a sweep reports it to its pruner and may raise to stop).
+    """
+    seed_everything(params.seed)
+    block_size = model.config.block_size
+    model.to(device).train()
+    optimizer = make_optimizer(model, params, device)
+    generator = torch.Generator().manual_seed(params.seed)
+    eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
+    train_starts = dataset.window_starts("train", block_size)
+    history, evals = [], []
+    started = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        train_loss, val_loss = (mean_loss(model, batches, device, params.precision) for batches in eval_sets)
+        evals.append(EvalRecord(step, train_loss, val_loss))
+        if progress:
+            bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        if on_eval:
+            on_eval(evals[-1])
+
+    bar = tqdm(range(1, params.max_steps + 1), desc="train", unit="step", disable=not progress, mininterval=1.0)
+    for step in bar:
+        tick = time.perf_counter()
+        lr = learning_rate_at(step - 1, params)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
+        with autocast(device, params.precision):
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        optimizer.step()
+        loss_value = loss.item()  # also waits for the device, so the timing below is honest
+        if not math.isfinite(loss_value):
+            raise PipelineError(f"training diverged: loss is {loss_value} at step {step}")
+        record = StepRecord(step, loss_value, lr, x.numel() / (time.perf_counter() - tick))
+        history.append(record)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.tokens_per_sec:,.0f}", refresh=False)
+        if on_step:
+            on_step(record)
+        if step % params.eval_interval == 0 or step == params.max_steps:
+            evaluate(step)
+    bar.close()
+    return TrainResult(model, optimizer, history, evals, time.perf_counter() - started)
