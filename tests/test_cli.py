@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import main
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "compare"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"python -m pipeline {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
+def test_stage_scripts_share_the_command_line(stage):
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "--example" in result.stdout
+
+
+def test_bad_parameters_stop_before_any_work(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    params = project / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("n_embd: 64", "n_embd: 30", 1))
+    assert main(["prepare", "--example", "toy", "--params", str(params)]) == 2
+    assert "toy.model: n_embd (30) must be divisible by n_head (4)" in capsys.readouterr().err
+    assert not (project / "data/toy/prepared").exists()
+
+
+def test_an_unknown_example_exits_non_zero(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    assert main(["train", "--example", "toyy", "--params", str(ROOT / "params.yaml")]) == 2
+    assert "did you mean 'toy'" in capsys.readouterr().err
+    assert not (project / "models").exists()
+
+
+def test_a_prompt_with_unknown_characters_fails_cleanly(project, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tiny = ["--set", "toy.train.max_steps=5", "--set", "toy.train.warmup_steps=0", "--set", "toy.train.eval_interval=5", "--set", "toy.data.repeats=2"]
+    params = ["--example", "toy", "--params", str(ROOT / "params.yaml")]
+    assert main(["prepare", *params, *tiny]) == 0
+    assert main(["train", *params, *tiny, "--no-progress"]) == 0
+    assert main(["sample", *params, "--set", "toy.sample.prompts=[CO, cor]"]) == 2
+    assert "'cor' has 'c', 'o', 'r'" in capsys.readouterr().err
+    assert not (project / "models/toy/samples.txt").exists()

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.commands import build_model
+from pipeline.evaluation import (
+    block_windows,
+    eval_windows,
+    last_letter_accuracy,
+    last_letter_ceiling,
+    loss_metrics,
+    split_loss,
+    word_metrics,
+    word_windows,
+)
+
+
+def targets_of(windows):
+    return sorted(torch.cat([t.flatten() for _, t in windows]).tolist())
+
+
+@pytest.mark.parametrize("length", [2, 9, 10, 11, 33])
+def test_block_windows_predict_every_token_once(length):
+    tokens = torch.arange(length)
+    windows = block_windows(tokens, 4)
+    assert targets_of(windows) == list(range(1, length))
+    for x, y in windows:
+        assert torch.equal(y, x + 1)
+
+
+def test_word_windows_see_each_word_from_its_start():
+    boundary = 0
+    tokens = torch.tensor([0, 5, 6, 0, 7, 0, 8, 9, 4, 0])
+    windows = word_windows(tokens, boundary)
+    assert sorted(tokens[1:].tolist()) == targets_of(windows)
+    assert all((x[:, 0] == boundary).all() for x, _ in windows)
+
+
+def test_split_loss_is_deterministic_and_matches_the_model_loss(toy):
+    params, _, dataset = toy
+    torch.manual_seed(0)
+    model = build_model(params, dataset.vocab.size).eval()
+    tokens = dataset.train[:81]
+    windows = block_windows(tokens, 8)
+    _, expected = model(tokens[:80].view(10, 8), tokens[1:81].view(10, 8))
+    cpu = torch.device("cpu")
+    assert split_loss(model, windows, 3, cpu) == pytest.approx(expected.item(), rel=1e-5)
+    assert split_loss(model, eval_windows(dataset, "val", 8), 4, cpu) == split_loss(
+        model, eval_windows(dataset, "val", 8), 4, cpu
+    )
+
+
+def test_loss_metrics_relate_perplexity_and_bits():
+    m = loss_metrics(math.log(4))
+    assert m["perplexity"] == pytest.approx(4) and m["bpc"] == pytest.approx(2)
+
+
+def test_last_letter_ceiling_counts_ambiguous_endings_once():
+    assert last_letter_ceiling(["CORE", "CORN", "CAT"]) == pytest.approx(2 / 3)
+    assert last_letter_ceiling(["A", "I"]) == pytest.approx(1 / 2)
+
+
+def test_word_metrics_are_shares(toy):
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size)
+    metrics = word_metrics(model, dataset, params.evaluate.words, torch.device("cpu"))
+    assert set(metrics) == {"valid_share", "coverage", "last_letter_accuracy", "last_letter_ceiling"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    accuracy = last_letter_accuracy(model, dataset.vocab, dataset.words, torch.device("cpu"))
+    assert metrics["last_letter_accuracy"] == accuracy

@@ -1,0 +1,153 @@
+"""The real pipeline: `dvc repro` and `dvc exp run` in a copy of the project, with tiny parameters."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.commands import build_model
+from pipeline.config import ExamplePaths, apply_overrides, load_params
+from pipeline.data import load_dataset, prepare
+from pipeline.evaluation import word_metrics
+from pipeline.sampling import complete_word, make_generator
+from pipeline.tracking import Tracker, runs_table
+from pipeline.training import train
+
+from .conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ["ckpt.pt", "run.json", "loss.png", "history.csv", "evals.csv", "train.json", "metrics.json", "samples.txt"]
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in listed if f and (ROOT / f).is_file() and not f.startswith(("models/", "dvc.lock"))]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh git + DVC repository holding the project, with tiny parameters, after one `dvc repro`."""
+    path = tmp_path_factory.mktemp("project")
+    for name in project_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    raw = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY["toy"] + TINY["shakespeare"])
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(path, "git", "init", "-q")
+    commit(path, "project")
+    result = run(path, "dvc", "repro")
+    commit(path, "first repro")
+    return path, result
+
+
+def env() -> dict:
+    variables = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com"}
+    identity |= {"GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    bin_dir = str(Path(sys.executable).parent)
+    return variables | identity | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def run(path: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=path, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def commit(path: Path, message: str) -> None:
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", message)
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_runs_every_stage_and_writes_every_output(repo):
+    path, output = repo
+    stages = {f"{s}@{e}" for s in ("prepare", "train", "evaluate", "sample") for e in ("toy", "shakespeare")}
+    assert ran_stages(output) == stages
+    for example in ("toy", "shakespeare"):
+        for name in OUTPUTS:
+            assert (path / "models" / example / name).stat().st_size > 0, f"{example}/{name}"
+        assert {p.name for p in (path / "data" / example / "prepared").iterdir()} == {"train.bin", "val.bin", "meta.json"}
+    assert (path / "models/toy/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
+    path, _ = repo
+    tracker = Tracker.for_project(path)
+    table = runs_table(tracker)
+    assert sorted(table.example) == ["shakespeare", "toy"]
+    for run_id in table.run_id:
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert {"train_loss", "val_loss", "lr", "tokens_per_sec", "eval.val.loss", "eval.val.bpc"} <= set(run.data.metrics)
+        assert {"example", "git_commit", "device", "torch_version"} <= set(run.data.tags)
+        assert run.data.params["model.n_layer"] == "1"
+        artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
+        assert {"checkpoint", "loss.png", "history.csv", "metrics.json", "samples.txt"} <= artifacts
+        steps = len(tracker.client.get_metric_history(run_id, "train_loss"))
+        assert steps == int(run.data.params["train.max_steps"])
+    toy = tracker.client.get_run(table.run_id[table.example == "toy"].item())
+    assert "eval.words.valid_share" in toy.data.metrics
+
+
+def test_a_second_repro_does_nothing(repo):
+    path, _ = repo
+    output = run(path, "dvc", "repro")
+    assert ran_stages(output) == set() and "Data and pipelines are up to date" in output
+
+
+def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
+    path, _ = repo
+    output = run(path, "dvc", "exp", "run", "-S", "shakespeare.train.max_steps=12")
+    assert ran_stages(output) == {"train@shakespeare", "evaluate@shakespeare", "sample@shakespeare"}
+    output = run(path, "dvc", "exp", "run", "-S", "toy.sample.temperature=0.5")
+    assert ran_stages(output) == {"sample@toy"}
+    table = runs_table(Tracker.for_project(path), example="shakespeare")
+    assert len(table) == 2 and "12" in set(table.steps)
+    params_diff = run(path, "dvc", "params", "diff")
+    assert "shakespeare.train.max_steps" in params_diff and "12" in params_diff
+    assert "models/shakespeare/metrics.json" in run(path, "dvc", "metrics", "diff")
+
+
+def test_a_temporary_exp_run_logs_into_the_workspace_store(repo):
+    path, _ = repo
+    before = len(runs_table(Tracker.for_project(path), example="toy"))
+    output = run(path, "dvc", "exp", "run", "--temp", "-S", "toy.train.max_steps=30", "-n", "temp-exp")
+    assert "train@toy" in ran_stages(output)
+    table = runs_table(Tracker.for_project(path), example="toy")
+    assert len(table) == before + 1
+    new = Tracker.for_project(path).client.get_run(table.run_id[table.steps == "30"].item())
+    assert new.data.tags["dvc_experiment"] == "temp-exp" and "eval.val.loss" in new.data.metrics
+    assert not list((path / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_plots_render(repo):
+    path, _ = repo
+    run(path, "dvc", "plots", "show", "-o", "plots")
+    html = (path / "plots" / "index.html").read_text()
+    assert "Training loss (toy)" in html and "loss.png" in html
+
+
+def test_toy_defaults_learn_the_words_and_complete_cor(project):
+    """The default toy parameters (not tiny ones): samples are real words and COR -> N is likely."""
+    params = load_params(ROOT / "params.yaml")["toy"]
+    paths = ExamplePaths(project, "toy")
+    prepare(params.data, paths)
+    dataset = load_dataset(paths)
+    cpu = torch.device("cpu")
+    model = train(build_model(params, dataset.vocab.size), dataset, params.train, cpu, progress=False).model
+    metrics = word_metrics(model, dataset, params.evaluate.words, cpu)
+    assert metrics["valid_share"] >= 0.97 and metrics["coverage"] >= 0.85
+    completion = complete_word(model, dataset.vocab, "COR", params.sample, make_generator(0, cpu), cpu)
+    assert completion.answer in {"CORE", "CORN"}
+    assert dict(completion.next_chars)["N"] > 0.3

@@ -1,0 +1,77 @@
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.tracking import (
+    TrainingLogger,
+    flatten,
+    load_run_id,
+    project_root,
+    runs_table,
+    save_run_info,
+    tracking_uri,
+)
+from pipeline.training import EvalRecord, StepRecord
+
+
+def test_flatten_joins_nested_keys():
+    assert flatten({"model": {"n_layer": 2, "x": {"y": 1}}, "a": 3}) == {"model.n_layer": 2, "model.x.y": 1, "a": 3}
+
+
+def test_store_defaults_to_sqlite_at_the_dvc_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert project_root() == tmp_path.resolve()
+    assert tracking_uri(project_root()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(project_root()) == "http://127.0.0.1:5000"
+
+
+def start(tracker, example="toy", **params):
+    return tracker.start_run(example, example, {"example": example}, {"model.n_layer": 2} | params)
+
+
+def test_a_run_finishes_or_fails_with_its_block(tracker):
+    ok, bad = start(tracker), start(tracker)
+    with tracker.active(ok):
+        assert tracker.client.get_run(ok).info.status == "RUNNING"
+    with pytest.raises(ZeroDivisionError), tracker.active(bad):
+        1 / 0
+    assert tracker.client.get_run(ok).info.status == "FINISHED"
+    assert tracker.client.get_run(bad).info.status == "FAILED"
+
+
+def test_experiment_artifacts_live_under_the_project(tracker, tmp_path):
+    run_id = start(tracker)
+    assert tracker.client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_training_logger_sends_every_step_point(tracker):
+    run_id = start(tracker)
+    logger = TrainingLogger(tracker, run_id)
+    for step in range(1, 1501):
+        logger.on_step(StepRecord(step, 2.0 - step / 1000, 1e-3, 100.0))
+    logger.on_eval(EvalRecord(1500, 0.6, 0.7))
+    history = tracker.client.get_metric_history(run_id, "train_loss")
+    assert len(history) == 1500 and sorted(m.step for m in history) == list(range(1, 1501))
+    assert tracker.client.get_metric_history(run_id, "val_loss")[0].value == 0.7
+
+
+def test_run_info_round_trip_and_a_foreign_run_is_named(tracker, tmp_path):
+    run_id = start(tracker)
+    save_run_info(tmp_path / "run.json", tracker, run_id)
+    assert load_run_id(tmp_path / "run.json", tracker) == run_id
+    (tmp_path / "run.json").write_text('{"run_id": "0123abc", "tracking_uri": "elsewhere"}')
+    with pytest.raises(PipelineError, match="'0123abc'.*not in"):
+        load_run_id(tmp_path / "run.json", tracker)
+
+
+def test_runs_table_sorts_by_validation_loss_and_filters(tracker):
+    for example, loss in (("toy", 2.0), ("toy", 1.0), ("shakespeare", 1.5)):
+        run_id = start(tracker, example)
+        tracker.log_metrics(run_id, {"eval.val.loss": loss})
+    table = runs_table(tracker)
+    assert list(table.val_loss) == [1.0, 1.5, 2.0]
+    assert list(runs_table(tracker, example="toy").example) == ["toy", "toy"]
+    assert list(runs_table(tracker, experiment="shakespeare").val_loss) == [1.5]
+    with pytest.raises(PipelineError, match="no MLflow experiment named 'nope'"):
+        runs_table(tracker, experiment="nope")

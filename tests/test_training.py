@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from pipeline.commands import build_model
+from pipeline.errors import PipelineError
+from pipeline.training import learning_rate_at, pick_device, train
+
+from .conftest import tiny_params
+
+
+def schedule(**overrides):
+    keys = [f"toy.train.{k}={v}" for k, v in overrides.items()]
+    return tiny_params("toy", *keys).train
+
+
+def test_warm_up_is_linear_then_cosine_decays_to_min_lr():
+    p = schedule(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    assert learning_rate_at(0, p) == pytest.approx(1e-4)
+    assert learning_rate_at(4, p) == pytest.approx(5e-4)
+    assert learning_rate_at(10, p) == pytest.approx(1e-3)
+    assert learning_rate_at(55, p) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert learning_rate_at(100, p) == pytest.approx(1e-4)
+    assert learning_rate_at(500, p) == pytest.approx(1e-4)
+    decay = [learning_rate_at(s, p) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_no_warm_up_starts_at_the_peak():
+    p = schedule(max_steps=50, warmup_steps=0, learning_rate=2e-3, min_lr=0)
+    assert learning_rate_at(0, p) == pytest.approx(2e-3)
+
+
+def test_training_lowers_the_loss_and_evaluates_on_schedule(toy):
+    params, _, dataset = toy
+    seen = []
+    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cpu"),
+                   on_eval=seen.append, progress=False)
+    assert [e.step for e in seen] == [20, 40, 60] and result.evals == seen
+    assert len(result.history) == 60 and result.steps == 60
+    assert result.evals[-1].train_loss < result.history[0].train_loss
+    assert result.tokens_per_sec > 0 and result.best_val_loss == min(e.val_loss for e in seen)
+
+
+def test_same_seed_same_run(toy):
+    params, _, dataset = toy
+    runs = [
+        train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cpu"), progress=False)
+        for _ in range(2)
+    ]
+    assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_diverging_run_stops_with_the_step(toy):
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(PipelineError, match="diverged.*step 1"):
+        train(model, dataset, params.train, torch.device("cpu"), progress=False)
+
+
+def test_auto_device_is_usable_and_an_absent_cuda_is_named():
+    assert pick_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: covers the GPU path where one exists")
+def test_cuda_training_uses_bf16_autocast_and_fused_adamw(toy):
+    params, _, dataset = toy
+    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cuda"),
+                   progress=False)
+    assert result.optimizer.defaults["fused"] is True
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert result.evals[-1].train_loss < result.history[0].train_loss
