@@ -16,7 +16,8 @@ STAGES = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline", description="A tracked character-level GPT: prepare, train, evaluate, sample, compare."
+        prog="python -m pipeline",
+        description="A tracked character-level GPT: prepare, train, evaluate, sample, compare.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in STAGES.items():
@@ -24,13 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--example", required=True, help="a top-level section of the params file, e.g. toy")
         stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
         stage.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
         )
         if name == "train":
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compare = commands.add_parser(
-        "compare", help="table of the MLflow runs, best validation loss first",
+        "compare",
+        help="table of the MLflow runs, best validation loss first",
         description="Print the MLflow runs with their key parameters and final metrics, best validation loss first.",
     )
     compare.add_argument("--example", help="only runs of this example")
@@ -59,15 +65,18 @@ def run_stage(args) -> None:
 def run_compare(args) -> None:
     import pandas as pd
 
+    from pipeline.compare import runs_table
     from pipeline.files import write_text
-    from pipeline.tracking import Tracker, runs_table
+    from pipeline.tracking import Tracker
 
     tracker = Tracker.for_project()
     table = runs_table(tracker, args.example, args.experiment)
     if table.empty:
         print(f"no runs in {tracker.uri}")
     else:
-        with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+        with pd.option_context(
+            "display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format
+        ):
             print(table.to_string(index=False))
     if args.csv:
         write_text(args.csv, table.to_csv(index=False))

@@ -7,15 +7,15 @@ import pandas as pd
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ExampleParams, ExamplePaths, as_dict
-from pipeline.data import load_dataset, prepare
+from pipeline.data import Dataset, load_dataset, prepare
 from pipeline.errors import PipelineError
-from pipeline.evaluation import eval_windows, loss_metrics, split_loss, word_metrics
+from pipeline.evaluation import split_metrics, word_metrics
 from pipeline.files import write_json, write_text
 from pipeline.model import GPT, GPTConfig
 from pipeline.plots import save_loss_curve
 from pipeline.sampling import check_prompts, sample_report
 from pipeline.tracking import Tracker, TrainingLogger, flatten, load_run_id, run_tags, save_run_info
-from pipeline.training import pick_device, train
+from pipeline.training import TrainResult, pick_device, train
 
 
 def prepare_example(params: ExampleParams, paths: ExamplePaths) -> dict:
@@ -35,49 +35,61 @@ def _frame(records) -> pd.DataFrame:
     return pd.DataFrame([dataclasses.asdict(r) for r in records])
 
 
-def train_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, progress: bool = True):
-    dataset = load_dataset(paths)
-    device = pick_device(params.train.device)
-    model = build_model(params, dataset.vocab.size)
+def check_data_fits(dataset: Dataset, block_size: int, example: str) -> None:
+    """Refuse a model that cannot be trained on this data, before a run is started for it."""
     for name, split in (("train", dataset.train), ("validation", dataset.val)):
-        if len(split) <= params.model.block_size:
+        if len(split) <= block_size:
             raise PipelineError(
-                f"{paths.example}: the {name} split has {len(split)} tokens, fewer than "
-                f"model.block_size + 1 = {params.model.block_size + 1}"
+                f"{example}: the {name} split has {len(split)} tokens; model.block_size + 1 = {block_size + 1} needed"
             )
-    if (longest := dataset.meta.get("max_word_length", 0)) >= params.model.block_size:
-        raise PipelineError(
-            f"{paths.example}: model.block_size ({params.model.block_size}) must exceed the longest word ({longest})"
-        )
+    if (longest := dataset.meta.get("max_word_length", 0)) >= block_size:
+        raise PipelineError(f"{example}: model.block_size ({block_size}) must exceed the longest word ({longest})")
+
+
+def start_training_run(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, model: GPT, device) -> str:
     tags = run_tags(paths.example, device)
     run_name = "-".join(filter(None, [paths.example, tags.get("dvc_experiment")]))
     trained_with = {key: as_dict(getattr(params, key)) for key in ("data", "model", "train")}
-    run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": dataset.vocab.size}
+    run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": model.config.vocab_size}
     run_id = tracker.start_run(paths.example, run_name, tags, run_params)
     save_run_info(paths.run_info, tracker, run_id)
+    return run_id
+
+
+def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab) -> dict:
+    """Checkpoint, per-step history, evaluations, loss curve and a summary; returns the summary."""
+    save_checkpoint(paths.checkpoint, result.model, result.optimizer, vocab, result.steps, result.best_val_loss)
+    history, evals = _frame(result.history), _frame(result.evals)
+    write_text(paths.history, history.to_csv(index=False, float_format="%.6g"))
+    write_text(paths.evals, evals.to_csv(index=False, float_format="%.6g"))
+    save_loss_curve(paths.loss_plot, history, evals, f"{paths.example}: {result.model.num_params():,} parameters")
+    summary = {
+        "steps": result.steps,
+        "final_val_loss": result.evals[-1].val_loss,
+        "best_val_loss": result.best_val_loss,
+        "train_seconds": result.seconds,
+        "tokens_per_sec": result.tokens_per_sec,
+    }
+    write_json(paths.train_metrics, summary)
+    return summary
+
+
+def train_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, progress: bool = True):
+    dataset = load_dataset(paths)
+    check_data_fits(dataset, params.model.block_size, paths.example)
+    device = pick_device(params.train.device)
+    model = build_model(params, dataset.vocab.size)
+    run_id = start_training_run(params, paths, tracker, model, device)
     print(f"{paths.example}: {model.num_params():,} parameters on {device}; MLflow run {run_id} in {tracker.uri}")
     with tracker.active(run_id):
         logger = TrainingLogger(tracker, run_id)
         result = train(model, dataset, params.train, device, logger.on_step, logger.on_eval, progress)
         logger.flush()
-        save_checkpoint(paths.checkpoint, result.model, result.optimizer, dataset.vocab, result.steps,
-                        result.best_val_loss)
-        history, evals = _frame(result.history), _frame(result.evals)
-        write_text(paths.history, history.to_csv(index=False, float_format="%.6g"))
-        write_text(paths.evals, evals.to_csv(index=False, float_format="%.6g"))
-        save_loss_curve(paths.loss_plot, history, evals, f"{paths.example}: {model.num_params():,} parameters")
-        summary = {
-            "steps": result.steps,
-            "final_val_loss": result.evals[-1].val_loss,
-            "best_val_loss": result.best_val_loss,
-            "train_seconds": result.seconds,
-            "tokens_per_sec": result.tokens_per_sec,
-        }
-        write_json(paths.train_metrics, summary)
+        summary = save_training_outputs(result, paths, dataset.vocab)
         tracker.log_metrics(run_id, summary, result.steps)
         tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
         tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
-    print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, validation loss {result.evals[-1].val_loss:.4f}")
+    print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {summary['final_val_loss']:.4f}")
     return result
 
 
@@ -89,13 +101,12 @@ def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracke
     if checkpoint.vocab != dataset.vocab:
         raise PipelineError(f"{paths.checkpoint} was trained on another vocabulary than {paths.meta}: train again")
     with tracker.active(run_id):
-        model, batch_size = checkpoint.model, params.evaluate.batch_size
         metrics = {
-            split: loss_metrics(split_loss(model, eval_windows(dataset, split, model.config.block_size), batch_size, device))
+            split: split_metrics(checkpoint.model, dataset, split, params.evaluate, device)
             for split in ("train", "val")
         }
         if params.evaluate.words is not None:
-            metrics["words"] = word_metrics(model, dataset, params.evaluate.words, device)
+            metrics["words"] = word_metrics(checkpoint.model, dataset, params.evaluate.words, device)
         write_json(paths.metrics, metrics)
         tracker.log_metrics(run_id, flatten(metrics, "eval."), checkpoint.step)
         tracker.set_tags(run_id, flatten(as_dict(params.evaluate), "evaluate."))

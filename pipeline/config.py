@@ -171,8 +171,20 @@ class ExamplePaths:
 
 PARAMS_SCHEMA = TypeAdapter(dict[str, ExampleParams])
 KNOWN_KEYS = sorted(
-    {f.name for cls in (WordsData, TextData, ModelConfig, TrainParams, WordEvalParams, EvaluateParams,
-                        SampleParams, ExampleParams) for f in dataclasses.fields(cls)}
+    {
+        f.name
+        for cls in (
+            WordsData,
+            TextData,
+            ModelConfig,
+            TrainParams,
+            WordEvalParams,
+            EvaluateParams,
+            SampleParams,
+            ExampleParams,
+        )
+        for f in dataclasses.fields(cls)
+    }
 )
 
 

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import WordEvalParams
+from pipeline.config import EvaluateParams, WordEvalParams
 from pipeline.data import BOUNDARY, Dataset, Vocabulary
 from pipeline.model import GPT
 from pipeline.sampling import make_generator, sample_words
@@ -62,6 +62,12 @@ def loss_metrics(loss: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2)}
 
 
+def split_metrics(model: GPT, dataset: Dataset, split: str, params: EvaluateParams, device) -> dict[str, float]:
+    """Loss, perplexity and bits per character over the whole of one split."""
+    windows = eval_windows(dataset, split, model.config.block_size)
+    return loss_metrics(split_loss(model, windows, params.batch_size, device))
+
+
 @torch.no_grad()
 def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device) -> float:
     """Share of words whose last letter is the model's likeliest character after the rest."""
@@ -89,8 +95,15 @@ def word_metrics(model: GPT, dataset: Dataset, params: WordEvalParams, device) -
     words = dataset.words
     known = set(words)
     sampled = sample_words(
-        model, dataset.vocab, "", params.samples, dataset.meta["max_word_length"] + 1,
-        params.temperature, None, make_generator(params.seed, device), device,
+        model,
+        dataset.vocab,
+        "",
+        params.samples,
+        dataset.meta["max_word_length"] + 1,
+        params.temperature,
+        None,
+        make_generator(params.seed, device),
+        device,
     )
     return {
         "valid_share": sum(w in known for w in sampled) / len(sampled),

@@ -15,9 +15,7 @@ def check_prompts(vocab: Vocabulary, prompts: list[str]) -> None:
     bad = {prompt: vocab.unknown(prompt) for prompt in prompts if vocab.unknown(prompt)}
     if bad:
         details = "; ".join(f"{p!r} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
-        raise PipelineError(
-            f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}"
-        )
+        raise PipelineError(f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}")
 
 
 def _context(vocab: Vocabulary, text: str, copies: int, device) -> torch.Tensor:
@@ -39,8 +37,17 @@ def sample_texts(model: GPT, vocab: Vocabulary, prompt: str, params: SampleParam
     return [vocab.decode(row.tolist()) for row in out]
 
 
-def sample_words(model: GPT, vocab: Vocabulary, prefix: str, count: int, max_new_tokens: int,
-                 temperature: float, top_k, generator, device) -> list[str]:
+def sample_words(
+    model: GPT,
+    vocab: Vocabulary,
+    prefix: str,
+    count: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k,
+    generator,
+    device,
+) -> list[str]:
     """Words that start with `prefix`, each ended at the first boundary the model emits."""
     out = model.generate(
         _context(vocab, BOUNDARY + prefix, count, device), max_new_tokens, temperature, top_k, generator
@@ -67,8 +74,15 @@ class WordCompletion:
 def complete_word(model: GPT, vocab: Vocabulary, prefix: str, params: SampleParams, generator, device):
     greedy = sample_words(model, vocab, prefix, 1, params.max_new_tokens, 0.0, None, None, device)[0]
     samples = sample_words(
-        model, vocab, prefix, params.num_samples, params.max_new_tokens, params.temperature, params.top_k,
-        generator, device,
+        model,
+        vocab,
+        prefix,
+        params.num_samples,
+        params.max_new_tokens,
+        params.temperature,
+        params.top_k,
+        generator,
+        device,
     )
     return WordCompletion(prefix, greedy, next_char_table(model, vocab, BOUNDARY + prefix, 3, device), samples)
 
@@ -94,5 +108,7 @@ def sample_report(model: GPT, vocab: Vocabulary, params: SampleParams, word_list
     model.eval()
     generator = make_generator(params.seed, device)
     if word_list:
-        return "".join(format_completion(complete_word(model, vocab, p, params, generator, device)) for p in params.prompts)
+        return "".join(
+            format_completion(complete_word(model, vocab, p, params, generator, device)) for p in params.prompts
+        )
     return "".join(format_texts(p, sample_texts(model, vocab, p, params, generator, device)) for p in params.prompts)

@@ -10,13 +10,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "toy": [
-        "toy.train.max_steps=60", "toy.train.warmup_steps=10", "toy.train.eval_interval=20", "toy.train.eval_batches=2",
-        "toy.model.n_embd=32", "toy.model.n_layer=1", "toy.data.repeats=4",
+        "toy.train.max_steps=60",
+        "toy.train.warmup_steps=10",
+        "toy.train.eval_interval=20",
+        "toy.train.eval_batches=2",
+        "toy.model.n_embd=32",
+        "toy.model.n_layer=1",
+        "toy.data.repeats=4",
     ],
     "shakespeare": [
-        "shakespeare.train.max_steps=20", "shakespeare.train.warmup_steps=5", "shakespeare.train.eval_interval=10", "shakespeare.train.eval_batches=2",
-        "shakespeare.train.batch_size=4", "shakespeare.model.n_embd=32", "shakespeare.model.n_layer=1",
-        "shakespeare.model.block_size=32", "shakespeare.sample.max_new_tokens=20",
+        "shakespeare.train.max_steps=20",
+        "shakespeare.train.warmup_steps=5",
+        "shakespeare.train.eval_interval=10",
+        "shakespeare.train.eval_batches=2",
+        "shakespeare.train.batch_size=4",
+        "shakespeare.model.n_embd=32",
+        "shakespeare.model.n_layer=1",
+        "shakespeare.model.block_size=32",
+        "shakespeare.sample.max_new_tokens=20",
     ],
 }
 

@@ -18,8 +18,9 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
 def test_stage_scripts_share_the_command_line(stage):
-    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--example" in result.stdout
 
 
@@ -43,7 +44,16 @@ def test_a_prompt_with_unknown_characters_fails_cleanly(project, capsys, monkeyp
     monkeypatch.chdir(project)
     monkeypatch.setenv("DVC_ROOT", str(project))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tiny = ["--set", "toy.train.max_steps=5", "--set", "toy.train.warmup_steps=0", "--set", "toy.train.eval_interval=5", "--set", "toy.data.repeats=2"]
+    tiny = [
+        "--set",
+        "toy.train.max_steps=5",
+        "--set",
+        "toy.train.warmup_steps=0",
+        "--set",
+        "toy.train.eval_interval=5",
+        "--set",
+        "toy.data.repeats=2",
+    ]
     params = ["--example", "toy", "--params", str(ROOT / "params.yaml")]
     assert main(["prepare", *params, *tiny]) == 0
     assert main(["train", *params, *tiny, "--no-progress"]) == 0

@@ -13,8 +13,6 @@ def test_the_shipped_params_file_is_valid():
     assert params["toy"].evaluate.words is not None
 
 
-
-
 @pytest.mark.parametrize(
     "override, message",
     [

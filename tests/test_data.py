@@ -67,7 +67,7 @@ def test_prepare_shakespeare_has_65_characters_and_a_90_10_split(project):
     total = meta["train_tokens"] + meta["val_tokens"]
     assert total == len(paths.input.read_text()) and meta["val_tokens"] == pytest.approx(total * 0.1, abs=1)
     dataset = load_dataset(paths)
-    assert dataset.vocab.decode(dataset.val[:20].tolist()) == paths.input.read_text()[meta["train_tokens"]:][:20]
+    assert dataset.vocab.decode(dataset.val[:20].tolist()) == paths.input.read_text()[meta["train_tokens"] :][:20]
 
 
 def test_missing_and_empty_inputs_are_named(project):

@@ -11,11 +11,12 @@ import torch
 import yaml
 
 from pipeline.commands import build_model
+from pipeline.compare import runs_table
 from pipeline.config import ExamplePaths, apply_overrides, load_params
 from pipeline.data import load_dataset, prepare
 from pipeline.evaluation import word_metrics
 from pipeline.sampling import complete_word, make_generator
-from pipeline.tracking import Tracker, runs_table
+from pipeline.tracking import Tracker
 from pipeline.training import train
 
 from .conftest import ROOT, TINY
@@ -26,8 +27,13 @@ OUTPUTS = ["ckpt.pt", "run.json", "loss.png", "history.csv", "evals.csv", "train
 
 
 def project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     return [f for f in listed if f and (ROOT / f).is_file() and not f.startswith(("models/", "dvc.lock"))]
 
 
@@ -77,7 +83,11 @@ def test_repro_runs_every_stage_and_writes_every_output(repo):
     for example in ("toy", "shakespeare"):
         for name in OUTPUTS:
             assert (path / "models" / example / name).stat().st_size > 0, f"{example}/{name}"
-        assert {p.name for p in (path / "data" / example / "prepared").iterdir()} == {"train.bin", "val.bin", "meta.json"}
+        assert {p.name for p in (path / "data" / example / "prepared").iterdir()} == {
+            "train.bin",
+            "val.bin",
+            "meta.json",
+        }
     assert (path / "models/toy/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,7 +99,9 @@ def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
     for run_id in table.run_id:
         run = tracker.client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert {"train_loss", "val_loss", "lr", "tokens_per_sec", "eval.val.loss", "eval.val.bpc"} <= set(run.data.metrics)
+        assert {"train_loss", "val_loss", "lr", "tokens_per_sec", "eval.val.loss", "eval.val.bpc"} <= set(
+            run.data.metrics
+        )
         assert {"example", "git_commit", "device", "torch_version"} <= set(run.data.tags)
         assert run.data.params["model.n_layer"] == "1"
         artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
@@ -151,3 +163,37 @@ def test_toy_defaults_learn_the_words_and_complete_cor(project):
     completion = complete_word(model, dataset.vocab, "COR", params.sample, make_generator(0, cpu), cpu)
     assert completion.answer in {"CORE", "CORN"}
     assert dict(completion.next_chars)["N"] > 0.3
+
+
+PROFILE = """
+import json, runpy, sys
+ran = set()
+def record(frame, event, arg):
+    if event == "call" and frame.f_code.co_flags & 2:  # CO_NEWLOCALS: a function, not a module or class body
+        ran.add(frame.f_code.co_filename)
+sys.argv = ["stage", "--example", "toy"]
+sys.setprofile(record)
+try:
+    runpy.run_module("stages.{stage}", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+sys.setprofile(None)
+print("RAN", json.dumps(sorted(ran)))
+"""
+
+
+def code_that_ran(path: Path, stage: str) -> set[str]:
+    output = run(path, sys.executable, "-c", PROFILE.format(stage=stage))
+    files = yaml.safe_load(output.split("RAN ", 1)[1].splitlines()[0])
+    return {str(Path(f).relative_to(path)) for f in files if f.startswith(str(path)) and "/.venv/" not in f}
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
+def test_each_stage_lists_every_module_whose_code_it_runs(repo, stage):
+    """Runs the stage with a profiler: a module it calls into but does not list would leave results stale."""
+    path, _ = repo
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]["deps"]
+    listed = {d for d in deps if d.endswith(".py")}
+    ran = code_that_ran(path, stage)
+    assert f"stages/{stage}.py" in listed and "pipeline/cli.py" in ran
+    assert ran <= listed, f"{stage} runs code from {sorted(ran - listed)} without listing it in dvc.yaml"

@@ -33,8 +33,14 @@ def test_no_warm_up_starts_at_the_peak():
 def test_training_lowers_the_loss_and_evaluates_on_schedule(toy):
     params, _, dataset = toy
     seen = []
-    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cpu"),
-                   on_eval=seen.append, progress=False)
+    result = train(
+        build_model(params, dataset.vocab.size),
+        dataset,
+        params.train,
+        torch.device("cpu"),
+        on_eval=seen.append,
+        progress=False,
+    )
     assert [e.step for e in seen] == [20, 40, 60] and result.evals == seen
     assert len(result.history) == 60 and result.steps == 60
     assert result.evals[-1].train_loss < result.history[0].train_loss
@@ -71,8 +77,7 @@ def test_auto_device_is_usable_and_an_absent_cuda_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: covers the GPU path where one exists")
 def test_cuda_training_uses_bf16_autocast_and_fused_adamw(toy):
     params, _, dataset = toy
-    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cuda"),
-                   progress=False)
+    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cuda"), progress=False)
     assert result.optimizer.defaults["fused"] is True
     assert next(result.model.parameters()).device.type == "cuda"
     assert result.evals[-1].train_loss < result.history[0].train_loss
