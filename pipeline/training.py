@@ -148,11 +148,12 @@ def train(
         train_loss, val_loss = (mean_loss(model, batches, device, params.precision) for batches in eval_sets)
         evals.append(EvalRecord(step, train_loss, val_loss))
         if progress:
-            bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+            tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if on_eval:
             on_eval(evals[-1])
 
-    bar = tqdm(range(1, params.max_steps + 1), desc="train", unit="step", disable=not progress, mininterval=1.0)
+    # disable=None: a bar on a terminal, none in a log file
+    bar = tqdm(range(1, params.max_steps + 1), desc="train", unit="step", disable=None if progress else True)
     for step in bar:
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)

@@ -143,6 +143,14 @@ def test_a_temporary_exp_run_logs_into_the_workspace_store(repo):
     assert not list((path / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
+def test_a_queued_exp_run_logs_into_the_workspace_store(repo):
+    path, _ = repo
+    run(path, "dvc", "exp", "run", "--queue", "-S", "toy.train.max_steps=25", "-n", "queued-exp")
+    run(path, "dvc", "exp", "run", "--run-all")
+    table = runs_table(Tracker.for_project(path), example="toy")
+    assert list(table.run[table.steps == "25"]) == ["toy-queued-exp"]
+
+
 def test_plots_render(repo):
     path, _ = repo
     run(path, "dvc", "plots", "show", "-o", "plots")
