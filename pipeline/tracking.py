@@ -48,7 +48,10 @@ def git_commit() -> str:
     """The commit the code came from; in a DVC experiment, the experiment's baseline."""
     if baseline := os.environ.get("DVC_EXP_BASELINE_REV"):
         return baseline
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:  # no git here
+        return "unknown"
     return result.stdout.strip() or "unknown"
 
 

@@ -1,7 +1,16 @@
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 
+from pipeline import commands
 from pipeline.errors import PipelineError
 from pipeline.tracking import (
+    Tracker,
     TrainingLogger,
     flatten,
     load_run_id,
@@ -62,3 +71,56 @@ def test_run_info_round_trip_and_a_foreign_run_is_named(tracker, tmp_path):
     (tmp_path / "run.json").write_text('{"run_id": "0123abc", "tracking_uri": "elsewhere"}')
     with pytest.raises(PipelineError, match="'0123abc'.*not in"):
         load_run_id(tmp_path / "run.json", tracker)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback, with its own store and artifact folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{server_dir}/server.db",
+        "--artifacts-destination",
+        str(server_dir / "art"),
+    ]
+    process = subprocess.Popen(command, cwd=server_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url, server_dir
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_shared_mlflow_server_gets_the_runs_and_artifacts(mlflow_server, toy, monkeypatch):
+    url, server_dir = mlflow_server
+    params, paths, _ = toy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    tracker = Tracker.for_project(paths.root)
+    assert tracker.uri == url
+    commands.train_example(params, paths, tracker, progress=False)
+    commands.evaluate_example(params, paths, tracker)
+    run_id = load_run_id(paths.run_info, tracker)
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "eval.val.loss" in run.data.metrics
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/ckpt.pt"]
+    assert list((server_dir / "art").rglob("ckpt.pt")), "artifacts went through the server"
+    assert not (paths.root / "mlflow.db").exists() and not (paths.root / "mlartifacts").exists()
