@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Imports inside the commands: `--help` answers at once, without loading torch and MLflow.
 def run_stage(args) -> None:
     from pipeline import commands
     from pipeline.config import ExamplePaths, example_params, load_params

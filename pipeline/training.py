@@ -162,14 +162,14 @@ def train(
         x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
         with autocast(device, params.precision):
             _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # stop before the update, so the weights stay finite
+            raise PipelineError(f"training diverged: loss is {loss_value} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         optimizer.step()
-        loss_value = loss.item()  # also waits for the device, so the timing below is honest
-        if not math.isfinite(loss_value):
-            raise PipelineError(f"training diverged: loss is {loss_value} at step {step}")
         record = StepRecord(step, loss_value, lr, x.numel() / (time.perf_counter() - tick))
         history.append(record)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.tokens_per_sec:,.0f}", refresh=False)
