@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pandas as pd
+import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ExampleParams, ExamplePaths, as_dict
@@ -28,7 +29,10 @@ def prepare_example(params: ExampleParams, paths: ExamplePaths) -> dict:
 
 
 def build_model(params: ExampleParams, vocab_size: int) -> GPT:
-    return GPT(GPTConfig(**dataclasses.asdict(params.model), vocab_size=vocab_size))
+    """A freshly initialised model that depends on `train.seed` alone, not on the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.train.seed)
+        return GPT(GPTConfig(**dataclasses.asdict(params.model), vocab_size=vocab_size))
 
 
 def _frame(records) -> pd.DataFrame:

@@ -47,15 +47,23 @@ def test_training_lowers_the_loss_and_evaluates_on_schedule(toy):
     assert result.tokens_per_sec > 0 and result.best_val_loss == min(e.val_loss for e in seen)
 
 
-def test_same_seed_same_run(toy):
+def test_same_seed_same_run_whatever_the_global_rng(toy):
     params, _, dataset = toy
-    runs = [
-        train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cpu"), progress=False)
-        for _ in range(2)
-    ]
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        model = build_model(params, dataset.vocab.size)
+        runs.append(train(model, dataset, params.train, torch.device("cpu"), progress=False))
     assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_another_seed_another_run(toy):
+    params, _, dataset = toy
+    other = tiny_params("toy", "toy.train.seed=7")
+    first, second = (build_model(p, dataset.vocab.size) for p in (params, other))
+    assert not torch.equal(first.lm_head.weight, second.lm_head.weight)
 
 
 def test_a_diverging_run_stops_with_the_step(toy):
