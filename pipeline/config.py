@@ -200,9 +200,9 @@ def _describe(error: dict) -> str:
     path = ".".join(str(part) for part in loc)
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return f"{path}: unknown key{did_you_mean(str(error['loc'][-1]), KNOWN_KEYS)}"
-    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{path}: missing key"
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] != "value_error":
         message += f" (got {error['input']!r})"
     return f"{path}: {message}"

@@ -72,8 +72,12 @@ class Dataset:
         if self.meta["kind"] != "words":
             return None
         tokens = getattr(self, split)
-        boundary = self.vocab.encode(BOUNDARY)[0]
-        return torch.nonzero(tokens[: len(tokens) - block_size] == boundary).flatten()
+        return torch.nonzero(tokens[: len(tokens) - block_size] == self.boundary).flatten()
+
+    @property
+    def boundary(self) -> int:
+        """The token that separates words."""
+        return self.vocab.encode(BOUNDARY)[0]
 
     @property
     def words(self) -> list[str]:

@@ -54,7 +54,7 @@ def split_loss(model: GPT, windows: list, batch_size: int, device, precision: st
 def eval_windows(dataset: Dataset, split: str, block_size: int) -> list:
     tokens = getattr(dataset, split)
     if dataset.meta["kind"] == "words":
-        return word_windows(tokens, dataset.vocab.encode(BOUNDARY)[0])
+        return word_windows(tokens, dataset.boundary)
     return block_windows(tokens, block_size)
 
 

@@ -104,7 +104,6 @@ def format_texts(prompt: str, texts: list[str]) -> str:
 @torch.no_grad()
 def sample_report(model: GPT, vocab: Vocabulary, params: SampleParams, word_list: bool, device) -> str:
     """The sample stage's text: word completions for a word list, free text otherwise."""
-    check_prompts(vocab, params.prompts)
     model.eval()
     generator = make_generator(params.seed, device)
     if word_list:

@@ -69,3 +69,10 @@ def test_overrides_are_read_as_yaml_values():
     assert raw == {"toy": {"train": {"max_steps": 5}, "sample": {"top_k": None}}}
     with pytest.raises(PipelineError, match="key.path=value"):
         apply_overrides({}, ["toy.train.max_steps"])
+
+
+def test_a_missing_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("    grad_clip: 1.0\n", "", 1))
+    with pytest.raises(PipelineError, match=r"toy.train.grad_clip: missing key"):
+        load_params(path)
