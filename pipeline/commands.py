@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import ExampleParams, ExamplePaths, as_dict
+from pipeline.config import ExampleParams, ExamplePaths
 from pipeline.data import Dataset, load_dataset, prepare
 from pipeline.errors import PipelineError
 from pipeline.evaluation import split_metrics, word_metrics
@@ -53,7 +53,7 @@ def check_data_fits(dataset: Dataset, block_size: int, example: str) -> None:
 def start_training_run(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, model: GPT, device) -> str:
     tags = run_tags(paths.example, device)
     run_name = "-".join(filter(None, [paths.example, tags.get("dvc_experiment")]))
-    trained_with = {key: as_dict(getattr(params, key)) for key in ("data", "model", "train")}
+    trained_with = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
     run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": model.config.vocab_size}
     run_id = tracker.start_run(paths.example, run_name, tags, run_params)
     save_run_info(paths.run_info, tracker, run_id)
@@ -113,7 +113,7 @@ def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracke
             metrics["words"] = word_metrics(checkpoint.model, dataset, params.evaluate.words, device)
         write_json(paths.metrics, metrics)
         tracker.log_metrics(run_id, flatten(metrics, "eval."), checkpoint.step)
-        tracker.set_tags(run_id, flatten(as_dict(params.evaluate), "evaluate."))
+        tracker.set_tags(run_id, flatten(dataclasses.asdict(params.evaluate), "evaluate."))
         tracker.log_artifacts(run_id, [paths.metrics])
     print(json.dumps(metrics, indent=2))
     return metrics
@@ -127,7 +127,7 @@ def sample_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker)
     with tracker.active(run_id):
         report = sample_report(checkpoint.model, checkpoint.vocab, params.sample, params.data.kind == "words", device)
         write_text(paths.samples, report)
-        tracker.set_tags(run_id, flatten(as_dict(params.sample), "sample."))
+        tracker.set_tags(run_id, flatten(dataclasses.asdict(params.sample), "sample."))
         tracker.log_artifacts(run_id, [paths.samples])
     print(report)
     return report

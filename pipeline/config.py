@@ -257,7 +257,3 @@ def example_params(params: dict[str, ExampleParams], example: str, source: Path)
             f"unknown example '{example}'{did_you_mean(example, params)}; {source} defines: {', '.join(params)}"
         )
     return params[example]
-
-
-def as_dict(params) -> dict:
-    return dataclasses.asdict(params)
