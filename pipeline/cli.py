@@ -1,6 +1,7 @@
 """The command line: `python -m pipeline <command> --help`. The DVC stages call it too."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ STAGES = {
     "train": "train the model and log the run to MLflow",
     "evaluate": "whole-split loss, perplexity, bits per character (and word metrics) into metrics.json",
     "sample": "write samples (text, or word completions) from the trained model",
+    "tune": "Optuna sweep over the params' tune.space, each trial a tracked training run",
 }
 
 
@@ -32,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
         )
-        if name == "train":
+        if name in ("train", "tune"):
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        if name == "tune":
+            add_tune_options(stage)
     compare = commands.add_parser(
         "compare",
         help="table of the MLflow runs, best validation loss first",
@@ -45,18 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_tune_options(parser: argparse.ArgumentParser) -> None:
+    """Shortcuts for the most changed tune.* params; they go through the same checks as --set."""
+    parser.add_argument("--trials", type=int, help="total trials in the study (re-running adds only the missing)")
+    parser.add_argument("--workers", type=int, help="worker processes on this machine")
+    parser.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: optuna.db)")
+    parser.add_argument("--study", help="study name; the same name on several machines joins one sweep")
+
+
+def tune_overrides(args) -> list[str]:
+    chosen = {key: getattr(args, key) for key in ("trials", "workers", "storage", "study")}
+    return [f"{args.example}.tune.{key}={json.dumps(value)}" for key, value in chosen.items() if value is not None]
+
+
 # Imports inside the commands: `--help` answers at once, without loading torch and MLflow.
 def run_stage(args) -> None:
     from pipeline import commands
     from pipeline.config import ExamplePaths, example_params, load_params
     from pipeline.tracking import Tracker
 
-    params = example_params(load_params(args.params, args.overrides), args.example, args.params)
+    overrides = args.overrides + (tune_overrides(args) if args.command == "tune" else [])
+    params = example_params(load_params(args.params, overrides), args.example, args.params)
     paths = ExamplePaths(Path.cwd(), args.example)
     if args.command == "prepare":
         commands.prepare_example(params, paths)
     elif args.command == "train":
         commands.train_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
+    elif args.command == "tune":
+        from pipeline.tuning import tune_example
+
+        tune_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
     elif args.command == "evaluate":
         commands.evaluate_example(params, paths, Tracker.for_project())
     else:

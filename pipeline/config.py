@@ -92,12 +92,131 @@ class SampleParams:
 
 
 @dataclass(config=STRICT)
+class IntRange:
+    """An integer to tune: `low`..`high` (every `step`, log-spaced if `log`), or one of `choices`."""
+
+    low: int | None = None
+    high: int | None = None
+    step: PositiveInt = 1
+    log: bool = False
+    choices: list[int] | None = None
+
+    def __post_init__(self):
+        _check_range(self)
+
+
+@dataclass(config=STRICT)
+class FloatRange:
+    """A float to tune: `low`..`high` (log-spaced if `log`), or one of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[float] | None = None
+
+    def __post_init__(self):
+        _check_range(self)
+
+
+def _check_range(space) -> None:
+    if space.choices is not None:
+        if space.low is not None or space.high is not None:
+            raise ValueError("give either low/high or choices, not both")
+        if not space.choices:
+            raise ValueError("choices is empty")
+        return
+    if space.low is None or space.high is None:
+        raise ValueError("give low and high (or choices)")
+    if space.low > space.high:
+        raise ValueError(f"empty range: low ({space.low}) is above high ({space.high})")
+    if space.log and space.low <= 0:
+        raise ValueError(f"a log range needs low > 0 (got {space.low})")
+    if space.log and getattr(space, "step", 1) != 1:
+        raise ValueError("a log range cannot have a step")
+
+
+@dataclass(config=STRICT)
+class SearchSpace:
+    """What a sweep tunes; a key left out keeps its params.yaml value.
+
+    `head_size` makes n_embd = n_head * head_size, so every trial is a valid model. Without it,
+    n_embd stays fixed and n_head is drawn among its divisors only.
+    """
+
+    n_layer: IntRange | None = None
+    n_head: IntRange | None = None
+    head_size: IntRange | None = None
+    learning_rate: FloatRange | None = None
+    dropout: FloatRange | None = None
+    weight_decay: FloatRange | None = None
+    batch_size: IntRange | None = None
+    warmup_steps: IntRange | None = None
+
+    def __post_init__(self):
+        for name, (low, high) in SPACE_LIMITS.items():
+            space = getattr(self, name)
+            values = (space.choices or [space.low, space.high]) if space else []
+            if bad := [v for v in values if not (low <= v and (high is None or v < high))]:
+                limit = f"at least {low}" if high is None else f"in [{low}, {high})"
+                raise ValueError(f"{name}: values must be {limit}, got {bad}")
+        if not any(dataclasses.asdict(self).values()):
+            raise ValueError("the search space is empty: give at least one key to tune")
+
+
+SPACE_LIMITS = {  # (lowest allowed, upper bound excluded)
+    "n_layer": (1, None),
+    "n_head": (1, None),
+    "head_size": (1, None),
+    "learning_rate": (1e-12, None),
+    "dropout": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "batch_size": (1, None),
+    "warmup_steps": (0, None),
+}
+
+
+@dataclass(config=STRICT)
+class SamplerParams:
+    kind: Literal["tpe", "random"]
+    seed: int  # worker i of a parallel sweep uses seed + i
+    startup_trials: NonNegativeInt = 5  # tpe: random trials before the model takes over
+
+
+@dataclass(config=STRICT)
+class PrunerParams:
+    """`median` stops a trial worse than the median of earlier ones at the same step;
+    `successive_halving` and `hyperband` keep the best fraction at each rung; `none` never prunes."""
+
+    kind: Literal["none", "median", "successive_halving", "hyperband"]
+    startup_trials: NonNegativeInt = 3  # median: finished trials before any pruning
+    warmup_steps: NonNegativeInt = 0  # median: steps before a trial can be pruned
+    min_steps: PositiveInt | None = None  # halving/hyperband: first rung; null: Optuna's default
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+
+
+@dataclass(config=STRICT)
+class TuneParams:
+    study: str | None  # Optuna study name; null: "<example>-<hash of the settings>"
+    storage: str | None  # null: sqlite:///<project>/optuna.db; or e.g. postgresql://user@host/db
+    trials: PositiveInt  # total in the study: re-running adds only the missing ones
+    workers: PositiveInt  # processes on this machine
+    max_steps: PositiveInt  # training budget of one trial
+    eval_interval: PositiveInt  # the pruner sees the validation loss this often
+    heartbeat_seconds: PositiveInt  # a worker silent for 2x this long has its trial marked failed
+    sampler: SamplerParams
+    pruner: PrunerParams
+    space: SearchSpace
+    register_as: str | None  # MLflow registered model for the best trial; null: no registration
+
+
+@dataclass(config=STRICT)
 class ExampleParams:
     data: DataParams
     model: ModelConfig
     train: TrainParams
     evaluate: EvaluateParams
     sample: SampleParams
+    tune: TuneParams | None = None
 
     def __post_init__(self):
         if self.data.kind == "words" and self.evaluate.words is None:
@@ -168,6 +287,15 @@ class ExamplePaths:
     def samples(self) -> Path:
         return self.model_dir / "samples.txt"
 
+    @property
+    def tune_dir(self) -> Path:
+        """The sweep's best parameters, trial table and plots."""
+        return self.model_dir / "tune"
+
+    @property
+    def tune_metrics(self) -> Path:
+        return self.model_dir / "tune.json"
+
 
 PARAMS_SCHEMA = TypeAdapter(dict[str, ExampleParams])
 KNOWN_KEYS = sorted(
@@ -181,6 +309,12 @@ KNOWN_KEYS = sorted(
             WordEvalParams,
             EvaluateParams,
             SampleParams,
+            IntRange,
+            FloatRange,
+            SearchSpace,
+            SamplerParams,
+            PrunerParams,
+            TuneParams,
             ExampleParams,
         )
         for f in dataclasses.fields(cls)

@@ -109,11 +109,17 @@ class Tracker:
         return run.info.run_id
 
     @contextlib.contextmanager
-    def active(self, run_id: str):
-        """Mark the run RUNNING while the block runs, then FINISHED, FAILED or KILLED."""
+    def active(self, run_id: str, clean_exits: tuple[type[BaseException], ...] = ()):
+        """Mark the run RUNNING while the block runs, then FINISHED, FAILED or KILLED.
+
+        `clean_exits` are exceptions that end the run as FINISHED (a pruned sweep trial, say).
+        """
         self.client.update_run(run_id, status="RUNNING")
         try:
             yield run_id
+        except clean_exits:
+            self.client.set_terminated(run_id, "FINISHED")
+            raise
         except KeyboardInterrupt:
             self.client.set_terminated(run_id, "KILLED")
             raise
@@ -172,3 +178,31 @@ class TrainingLogger:
     def flush(self) -> None:
         self.tracker.log_metric_batch(self.run_id, self.pending)
         self.pending = []
+
+
+def register_model(tracker: Tracker, name: str, run_id: str, artifact_path: str, val_loss: float) -> tuple[str, bool]:
+    """Register the run's model (once) and give it the alias `champion` if it has the lowest val loss.
+
+    Returns the version and whether it is the champion now.
+    """
+    client = tracker.client
+    if not client.search_registered_models(f"name = '{name}'"):
+        with contextlib.suppress(MlflowException):  # another worker registered it a moment ago
+            client.create_registered_model(name, description="Character-level GPT checkpoints from Optuna sweeps")
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0]
+    else:
+        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = client.create_model_version(name, source, run_id, tags={"val_loss": f"{val_loss:.6f}"})
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        champion_loss = float(champion.tags.get("val_loss", "inf"))
+    except MlflowException:
+        champion, champion_loss = None, float("inf")
+    if champion is not None and champion.version == version.version:
+        return version.version, True
+    if val_loss < champion_loss:
+        client.set_registered_model_alias(name, "champion", version.version)
+        return version.version, True
+    return version.version, False
