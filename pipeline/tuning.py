@@ -48,6 +48,7 @@ class Sweep:
 
     params: ExampleParams
     paths: ExamplePaths
+    store_root: Path  # where the embedded Optuna and MLflow stores live: the workspace, in a DVC experiment
     storage_url: str
     study_name: str
     parent_run_id: str
@@ -106,6 +107,8 @@ def settings_fingerprint(params: ExampleParams) -> str:
     """A hash of everything that decides what a trial computes."""
     settings = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train", "tune")}
     settings["tune"] = {k: v for k, v in settings["tune"].items() if k not in VOLATILE_KEYS}
+    for key in ("max_steps", "eval_interval"):  # the sweep's budget replaces these
+        del settings["train"][key]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -382,7 +385,7 @@ def run_worker(sweep: Sweep, worker: int = 0, workers: int = 1, on_trial=None) -
     device = worker_device(sweep.params.train.device, worker)
     if device.type == "cpu" and workers > 1:  # share the cores fairly instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    dataset, tracker = load_dataset(sweep.paths), Tracker.for_project(sweep.paths.root)
+    dataset, tracker = load_dataset(sweep.paths), Tracker.for_project(sweep.store_root)
     storage = open_storage(sweep.storage_url, sweep.tune.heartbeat_seconds, lambda _, t: end_stale_run(tracker, t))
     study = open_study(storage, sweep.tune, sweep.study_name, worker)
     ran = 0
@@ -463,13 +466,13 @@ def run_workers(sweep: Sweep, workers: int, progress: bool) -> None:
 def prepare_sweep(params: ExampleParams, paths: ExamplePaths, tracker: Tracker) -> tuple[Sweep, optuna.Study, int]:
     """Check everything, create the study and its parent run, queue the missing trials."""
     check_space(params)
-    url = storage_url(params.tune, paths.root)
+    url = storage_url(params.tune, tracker.root)
     name = study_name(params, paths.example)
     study = open_study(open_storage(url, params.tune.heartbeat_seconds), params.tune, name)
     check_study_settings(study, params)
     parent_run_id = parent_run(study, params, paths, tracker, url)
     queued = queue_missing_trials(study, params, params.tune.trials)
-    return Sweep(params, paths, url, name, parent_run_id), study, queued
+    return Sweep(params, paths, tracker.root, url, name, parent_run_id), study, queued
 
 
 # ---------------------------------------------------------------- results

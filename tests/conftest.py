@@ -22,6 +22,9 @@ TINY = {
         "toy.model.n_embd=32",
         "toy.model.n_layer=1",
         "toy.data.repeats=4",
+        "toy.tune.trials=3",
+        "toy.tune.max_steps=20",
+        "toy.tune.eval_interval=10",
     ],
     "shakespeare": [
         "shakespeare.train.max_steps=20",

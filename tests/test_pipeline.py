@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -79,7 +80,9 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_runs_every_stage_and_writes_every_output(repo):
     path, output = repo
     stages = {f"{s}@{e}" for s in ("prepare", "train", "evaluate", "sample") for e in ("toy", "shakespeare")}
-    assert ran_stages(output) == stages
+    assert ran_stages(output) == stages | {"tune@toy"}
+    assert {"best_params.yaml", "trials.csv", "history.png"} <= {p.name for p in (path / "models/toy/tune").iterdir()}
+    assert yaml.safe_load((path / "models/toy/tune.json").read_text())["trials"] == 3
     for example in ("toy", "shakespeare"):
         for name in OUTPUTS:
             assert (path / "models" / example / name).stat().st_size > 0, f"{example}/{name}"
@@ -94,7 +97,7 @@ def test_repro_runs_every_stage_and_writes_every_output(repo):
 def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
     path, _ = repo
     tracker = Tracker.for_project(path)
-    table = runs_table(tracker)
+    table = pd.concat([runs_table(tracker, experiment=example) for example in ("toy", "shakespeare")])
     assert sorted(table.example) == ["shakespeare", "toy"]
     for run_id in table.run_id:
         run = tracker.client.get_run(run_id)
@@ -124,7 +127,7 @@ def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
     assert ran_stages(output) == {"train@shakespeare", "evaluate@shakespeare", "sample@shakespeare"}
     output = run(path, "dvc", "exp", "run", "-S", "toy.sample.temperature=0.5")
     assert ran_stages(output) == {"sample@toy"}
-    table = runs_table(Tracker.for_project(path), example="shakespeare")
+    table = runs_table(Tracker.for_project(path), experiment="shakespeare")
     assert len(table) == 2 and "12" in set(table.steps)
     params_diff = run(path, "dvc", "params", "diff")
     assert "shakespeare.train.max_steps" in params_diff and "12" in params_diff
@@ -133,21 +136,22 @@ def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
 
 def test_a_temporary_exp_run_logs_into_the_workspace_store(repo):
     path, _ = repo
-    before = len(runs_table(Tracker.for_project(path), example="toy"))
+    before = len(runs_table(Tracker.for_project(path), experiment="toy"))
     output = run(path, "dvc", "exp", "run", "--temp", "-S", "toy.train.max_steps=30", "-n", "temp-exp")
     assert "train@toy" in ran_stages(output)
-    table = runs_table(Tracker.for_project(path), example="toy")
+    table = runs_table(Tracker.for_project(path), experiment="toy")
     assert len(table) == before + 1
     new = Tracker.for_project(path).client.get_run(table.run_id[table.steps == "30"].item())
     assert new.data.tags["dvc_experiment"] == "temp-exp" and "eval.val.loss" in new.data.metrics
     assert not list((path / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert "tune@toy" in ran_stages(output) and not list((path / ".dvc" / "tmp").rglob("optuna.db"))
 
 
 def test_a_queued_exp_run_logs_into_the_workspace_store(repo):
     path, _ = repo
     run(path, "dvc", "exp", "run", "--queue", "-S", "toy.train.max_steps=25", "-n", "queued-exp")
     run(path, "dvc", "exp", "run", "--run-all")
-    table = runs_table(Tracker.for_project(path), example="toy")
+    table = runs_table(Tracker.for_project(path), experiment="toy")
     assert list(table.run[table.steps == "25"]) == ["toy-queued-exp"]
 
 
@@ -196,7 +200,7 @@ def code_that_ran(path: Path, stage: str) -> set[str]:
     return {str(Path(f).relative_to(path)) for f in files if f.startswith(str(path)) and "/.venv/" not in f}
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample", "tune"])
 def test_each_stage_lists_every_module_whose_code_it_runs(repo, stage):
     """Runs the stage with a profiler: a module it calls into but does not list would leave results stale."""
     path, _ = repo
