@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+import filelock
 import optuna
 import pydantic
 import sqlalchemy
@@ -95,7 +96,7 @@ def open_storage(url: str, heartbeat_seconds: int, on_stale_trial=None) -> optun
             engine_kwargs={"connect_args": connect_args},
             heartbeat_interval=heartbeat_seconds,
             grace_period=2 * heartbeat_seconds,
-            failed_trial_callback=on_stale_trial,
+            heartbeat_stale_trial_callback=on_stale_trial,
         )
     except Exception as e:  # driver errors differ by database; all mean the same here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -249,17 +250,26 @@ def check_space(params: ExampleParams) -> None:
 # ---------------------------------------------------------------- trials
 
 
-def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
+def claim_lock(url: str):
+    """Server databases lock the claimed row; SQLite ignores that, so its workers take turns by a file lock."""
+    database = sqlalchemy.engine.make_url(url)
+    if database.get_backend_name() == "sqlite" and database.database:
+        return filelock.FileLock(f"{database.database}.claim.lock")
+    return contextlib.nullcontext()
+
+
+def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, lock) -> optuna.Trial | None:
     """Take a queued trial, or None when the queue is empty; never create one."""
     optuna.storages.fail_stale_trials(study)  # trials of dead workers, silent past the grace period
     study_id = storage.get_study_id_from_name(study.study_name)
-    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):  # False: taken by another
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+    with lock:
+        for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):  # False: taken already
+                    return optuna.Trial(study, trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
     return None
 
 
@@ -389,7 +399,8 @@ def run_worker(sweep: Sweep, worker: int = 0, workers: int = 1, on_trial=None) -
     storage = open_storage(sweep.storage_url, sweep.tune.heartbeat_seconds, lambda _, t: end_stale_run(tracker, t))
     study = open_study(storage, sweep.tune, sweep.study_name, worker)
     ran = 0
-    while (trial := claim_trial(study, storage)) is not None:
+    lock = claim_lock(sweep.storage_url)
+    while (trial := claim_trial(study, storage, lock)) is not None:
         with heartbeat(storage, trial, sweep.tune.heartbeat_seconds):
             state = run_one(study, trial, lambda t: run_trial(sweep, t, dataset, tracker, device))
         ran += 1

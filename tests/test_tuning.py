@@ -6,6 +6,7 @@ import time
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -22,6 +23,7 @@ from pipeline.tuning import (
     study_name,
     suggest,
     tune_example,
+    worker_device,
 )
 from tests.conftest import ROOT, TINY, tiny_params
 
@@ -262,3 +264,15 @@ def test_every_suggested_configuration_is_a_valid_model(with_head_size):
             assert model.n_embd == values["n_head"] * values["head_size"]
         else:
             assert model.n_embd == params.model.n_embd
+
+
+def test_cpu_workers_stay_on_the_cpu():
+    assert worker_device("cpu", 3) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_workers_take_the_gpus_round_robin():
+    count = torch.cuda.device_count()
+    assert [worker_device("auto", i) for i in range(2 * count)] == [
+        torch.device("cuda", i % count) for i in range(2 * count)
+    ]
