@@ -14,6 +14,7 @@ from pipeline.config import ExampleParams, ExamplePaths, example_params, load_pa
 from pipeline.data import Dataset, load_dataset, prepare
 from pipeline.files import write_json
 from pipeline.model import GPT
+from pipeline.training import cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,7 @@ def machine(device: torch.device) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
+        "cpu_bf16": cpu_supports_bf16(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
