@@ -83,7 +83,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def uses_compile(device: torch.device, setting: bool | str) -> bool:
-    """`auto` compiles on CUDA only: on a small CPU the compilation costs more than it saves."""
+    """`auto` compiles on CUDA only: on 2 CPU cores compiling took 20 to 40 s of a 2-minute run."""
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
