@@ -34,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
         )
+        stage.add_argument(
+            "--set-file",
+            dest="override_files",
+            action="append",
+            default=[],
+            type=Path,
+            metavar="FILE",
+            help="overrides from a file, one KEY=VALUE a line, before any --set, e.g. overrides/gpu.txt",
+        )
         if name in ("train", "tune"):
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         if name == "tune":
@@ -65,10 +74,11 @@ def tune_overrides(args) -> list[str]:
 # Imports inside the commands: `--help` answers at once, without loading torch and MLflow.
 def run_stage(args) -> None:
     from pipeline import commands
-    from pipeline.config import ExamplePaths, example_params, load_params
+    from pipeline.config import ExamplePaths, example_params, load_params, read_overrides_file
     from pipeline.tracking import Tracker
 
-    overrides = args.overrides + (tune_overrides(args) if args.command == "tune" else [])
+    overrides = [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
+    overrides += tune_overrides(args) if args.command == "tune" else []
     params = example_params(load_params(args.params, overrides), args.example, args.params)
     paths = ExamplePaths(Path.cwd(), args.example)
     if args.command == "prepare":

@@ -60,6 +60,8 @@ class TrainParams:
     eval_interval: PositiveInt
     eval_batches: PositiveInt
     seed: int
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
+    threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
 
     def __post_init__(self):
         if self.min_lr > self.learning_rate:
@@ -348,6 +350,15 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not sep or not key:
         raise PipelineError(f"override '{text}' must look like key.path=value")
     return key.split("."), yaml.safe_load(value)
+
+
+def read_overrides_file(path: Path) -> list[str]:
+    """KEY=VALUE overrides, one a line; blank lines and lines starting with # are left out."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PipelineError(f"overrides file {path} does not exist") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -38,6 +38,29 @@ class GPTConfig(ModelConfig):
     vocab_size: PositiveInt
 
 
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, for sampling.
+
+    Position embeddings are absolute, so the cache holds at most `block_size` positions; past
+    that, `GPT.generate` recomputes the cropped window as the uncached path does.
+    """
+
+    def __init__(self, n_layer: int, block_size: int):
+        self.n_layer, self.block_size = n_layer, block_size
+        self.keys = self.values = None  # (n_layer, B, n_head, block_size, head_size), made on first use
+        self.length = 0  # positions filled
+
+    def append(self, layer: int, k, v):
+        """Store `k`, `v` (B, n_head, T, head_size) after the filled positions; return all so far."""
+        if self.keys is None:  # the dtype autocast gives k and v, on their device
+            shape = (self.n_layer, *k.shape[:2], self.block_size, k.size(3))
+            self.keys, self.values = (torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2))
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -47,11 +70,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        # a cache is filled from empty in one call, then one token at a time: a single new query
+        # may see every cached key, so only a multi-token call needs the causal mask
+        causal = cache is None or T > 1
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -76,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -114,14 +143,20 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions."""
+        start = cache.length if cache is not None else 0
         T = idx.size(1)
-        if self.config.block_size < T:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        if self.config.block_size < start + T:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        if cache is not None and start and T > 1:
+            raise ValueError("a filled cache takes one token at a time")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
@@ -140,23 +175,39 @@ class GPT(nn.Module):
     def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
         """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size)."""
         logits, _ = self(idx[:, -self.config.block_size :])
-        logits = logits[:, -1, :].float() / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return F.softmax(logits, dim=-1)
+        return probabilities(logits[:, -1, :], temperature, top_k)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None):
+    def generate(
+        self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None, use_cache: bool = True
+    ):
         """Extend each sequence in `idx` (B, T) by sampling `max_new_tokens` tokens.
 
-        `temperature` 0 means greedy decoding.
+        `temperature` 0 means greedy decoding. The key/value cache gives the same tokens as
+        `use_cache=False` (which recomputes the whole context for every token), only faster.
         """
+        cache = None
         for _ in range(max_new_tokens):
-            if temperature == 0:
-                next_idx = self.next_token_probs(idx).argmax(dim=-1, keepdim=True)
+            if not use_cache or idx.size(1) > self.config.block_size:
+                logits, _ = self(idx[:, -self.config.block_size :])
+            elif cache is None:  # fill the cache with the prompt
+                cache = KVCache(self.config.n_layer, self.config.block_size)
+                logits, _ = self(idx, cache=cache)
             else:
-                probs = self.next_token_probs(idx, temperature, top_k)
+                logits, _ = self(idx[:, -1:], cache=cache)
+            if temperature == 0:
+                next_idx = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            else:
+                probs = probabilities(logits[:, -1, :], temperature, top_k)
                 next_idx = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, next_idx), dim=1)
         return idx
+
+
+def probabilities(logits, temperature: float = 1.0, top_k: int | None = None):
+    """Softmax of `logits` (B, vocab_size) at `temperature`, keeping only the `top_k` likeliest."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return F.softmax(logits, dim=-1)

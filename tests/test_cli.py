@@ -60,3 +60,12 @@ def test_a_prompt_with_unknown_characters_fails_cleanly(project, capsys, monkeyp
     assert main(["sample", *params, "--set", "toy.sample.prompts=[CO, cor]"]) == 2
     assert "'cor' has 'c', 'o', 'r'" in capsys.readouterr().err
     assert not (project / "models/toy/samples.txt").exists()
+
+
+def test_set_file_overrides_apply_before_set(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (project / "o.txt").write_text("# tiny\ntoy.model.n_embd=30\ntoy.train.max_steps=0\n")
+    code = main(["train", "--example", "toy", "--set-file", "o.txt", "--set", "toy.model.n_embd=32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "toy.train.max_steps" in err and "n_embd" not in err

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import apply_overrides, example_params, load_params
+from pipeline.config import apply_overrides, example_params, load_params, read_overrides_file
 from pipeline.errors import PipelineError
 
 from .conftest import ROOT
@@ -76,3 +76,20 @@ def test_a_missing_key_is_named(tmp_path):
     path.write_text((ROOT / "params.yaml").read_text().replace("    grad_clip: 1.0\n", "", 1))
     with pytest.raises(PipelineError, match=r"toy.train.grad_clip: missing key"):
         load_params(path)
+
+
+def test_the_gpu_overrides_file_passes_the_schema_and_leaves_the_cpu_defaults_alone():
+    defaults = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", read_overrides_file(ROOT / "overrides" / "gpu.txt"))
+    gpu = params["shakespeare"]
+    assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd, gpu.model.block_size) == (6, 6, 384, 256)
+    assert (gpu.train.device, gpu.train.precision, gpu.train.compile) == ("cuda", "bfloat16", True)
+    assert params["toy"] == defaults["toy"] and defaults["shakespeare"].train.device == "auto"
+
+
+def test_an_overrides_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "o.txt"
+    path.write_text("# a comment\n\n  toy.train.max_steps=7  \n")
+    assert read_overrides_file(path) == ["toy.train.max_steps=7"]
+    with pytest.raises(PipelineError, match="does not exist"):
+        read_overrides_file(tmp_path / "missing.txt")

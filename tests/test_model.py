@@ -2,7 +2,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT, GPTConfig, KVCache
 
 
 def config(**overrides) -> GPTConfig:
@@ -96,3 +96,47 @@ def test_top_k_keeps_only_the_k_likeliest_tokens():
 def test_config_is_validated_on_creation(overrides, message):
     with pytest.raises(ValidationError, match=message):
         config(**overrides)
+
+
+def test_cached_logits_match_the_full_forward_position_by_position():
+    torch.manual_seed(2)
+    model = GPT(config(block_size=12)).eval()
+    idx = torch.randint(11, (3, 12))
+    full, _ = model(idx)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 12
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
+def test_generation_with_the_cache_gives_the_same_tokens_as_without(temperature, top_k):
+    """Past block_size the window is cropped and recomputed, as the uncached path does."""
+    torch.manual_seed(3)
+    model = GPT(config(block_size=8)).eval()
+    start = torch.randint(11, (4, 3))
+    outs = [
+        model.generate(start, 14, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
+        for use_cache in (True, False)
+    ]
+    assert outs[0].shape == (4, 17) and torch.equal(outs[0], outs[1])
+
+
+def test_generation_feeds_one_new_token_per_step_while_the_cache_has_room():
+    model = GPT(config(block_size=8)).eval()
+    lengths = []
+    model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
+    model.generate(torch.zeros(2, 3, dtype=torch.long), 7)
+    assert lengths == [3, 1, 1, 1, 1, 1, 8]  # the prompt, one token at a time, then the cropped window
+
+
+def test_a_filled_cache_takes_one_token_at_a_time():
+    model = GPT(config()).eval()
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="one token at a time"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    full = KVCache(model.config.n_layer, model.config.block_size)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=full)
+    with pytest.raises(ValueError, match="length 17 exceeds block_size 16"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=full)

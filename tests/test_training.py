@@ -3,7 +3,17 @@ import torch
 
 from pipeline.commands import build_model
 from pipeline.errors import PipelineError
-from pipeline.training import learning_rate_at, pick_device, train
+from pipeline.training import (
+    EVAL_TOKENS,
+    autocast,
+    fixed_batches,
+    learning_rate_at,
+    pick_device,
+    to_device,
+    train,
+    uses_bf16,
+    uses_compile,
+)
 
 from .conftest import tiny_params
 
@@ -82,10 +92,93 @@ def test_auto_device_is_usable_and_an_absent_cuda_is_named():
             pick_device("cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: covers the GPU path where one exists")
-def test_cuda_training_uses_bf16_autocast_and_fused_adamw(toy):
+def test_auto_settings_use_bf16_and_compile_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16(cuda, "auto") and not uses_bf16(cpu, "auto") and uses_bf16(cpu, "bfloat16")
+    assert not uses_bf16(cuda, "float32")
+    assert uses_compile(cuda, "auto") and not uses_compile(cpu, "auto") and uses_compile(cpu, True)
+    assert not uses_compile(cuda, False)
+
+
+def test_evaluation_batches_are_large_and_cover_every_training_sized_batch(toy):
     params, _, dataset = toy
+    p = tiny_params("toy", "toy.train.batch_size=300", "toy.train.eval_batches=20").train
+    batches = fixed_batches(dataset, "val", p, 8, seed=1)
+    assert sum(len(x) for x, _ in batches) == 300 * 20
+    assert len(batches) == 2 and batches[0][0].numel() == EVAL_TOKENS
+    x, y = batches[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_threads_apply_while_training_and_are_restored_after(toy):
+    params, _, dataset = toy
+    before, seen = torch.get_num_threads(), []
+    p = tiny_params("toy", "toy.train.threads=1", "toy.train.max_steps=10").train
+    train(
+        build_model(params, dataset.vocab.size),
+        dataset,
+        p,
+        torch.device("cpu"),
+        lambda r: seen.append(torch.get_num_threads()),
+        progress=False,
+    )
+    assert seen == [1] * 10 and torch.get_num_threads() == before
+
+
+def test_a_compiled_run_learns_repeats_bit_identically_and_saves_plain_weights(toy):
+    """Compiling changes the kernels, not the run: same seed, same losses; keys without `_orig_mod.`."""
+    params, _, dataset = toy
+    p = tiny_params("toy", "toy.train.compile=true", "toy.train.max_steps=30", "toy.train.eval_interval=30").train
+    runs = [train(build_model(params, dataset.vocab.size), dataset, p, torch.device("cpu"), progress=False)]
+    runs.append(train(build_model(params, dataset.vocab.size), dataset, p, torch.device("cpu"), progress=False))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
+    assert runs[0].evals[-1].train_loss < runs[0].history[0].train_loss
+    keys = set(runs[0].model.state_dict())
+    assert keys == set(build_model(params, dataset.vocab.size).state_dict())
+    assert not any("_orig_mod" in k for k in keys)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: covers the GPU path where one exists")
+
+
+@CUDA
+def test_cuda_training_uses_bf16_autocast_fused_adamw_tf32_and_compile(toy):
+    params, _, dataset = toy
+    torch._dynamo.reset()
     result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cuda"), progress=False)
     assert result.optimizer.defaults["fused"] is True
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # `auto` compiles on CUDA
     assert next(result.model.parameters()).device.type == "cuda"
+    assert not any("_orig_mod" in k for k in result.model.state_dict())
     assert result.evals[-1].train_loss < result.history[0].train_loss
+
+
+@CUDA
+def test_batches_reach_the_gpu_through_pinned_memory():
+    tokens = torch.arange(12).view(3, 4)[:, 1:]  # a strided view, as a batch is
+    moved = to_device(tokens, torch.device("cuda"))
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), tokens)
+
+
+@CUDA
+def test_attention_runs_on_the_flash_kernel_in_bf16(toy):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size).cuda()
+    idx = torch.randint(dataset.vocab.size, (4, params.model.block_size), device="cuda")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), autocast(torch.device("cuda"), "auto"):
+        _, loss = model(idx, idx)  # raises if the flash kernel cannot take these inputs
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+@CUDA
+def test_cached_sampling_on_cuda_gives_the_same_tokens(toy):
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size).cuda().eval()
+    start = torch.zeros(3, 1, dtype=torch.long, device="cuda")
+    outs = [model.generate(start, 12, 0.0, None, None, use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(outs[0], outs[1])

@@ -1,0 +1,197 @@
+"""Training-step speed of one configuration in several variants, side by side, in one run.
+
+Each variant (float32 or bf16 autocast, eager or torch.compile) at each batch size trains for
+`--steps` steps through the pipeline's own loop (`pipeline.training.train`), in a fresh process so
+that compilation caches, threads and peak memory do not carry over. The table gives ms per step
+(median of the second half of the steps), tokens/s, achieved GFLOP/s as a share of a matrix-product
+peak measured in the same run, peak memory, and the losses after the same number of steps.
+
+    python -m benchmarks.train_step --help
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import resource
+import statistics
+import sys
+
+import torch
+
+from benchmarks.common import (
+    add_common_arguments,
+    example_config,
+    flops_per_token,
+    format_table,
+    load_example,
+    machine,
+    matmul_peak,
+    save_results,
+)
+from pipeline.config import example_params, load_params
+from pipeline.errors import PipelineError
+from pipeline.training import pick_device
+
+VARIANTS = {
+    "float32": ("float32", False),
+    "bfloat16": ("bfloat16", False),
+    "float32+compile": ("float32", True),
+    "bfloat16+compile": ("bfloat16", True),
+}
+COLUMNS = {
+    "variant": "{}",
+    "batch": "{}",
+    "threads": "{}",
+    "ms_per_step": "{:.2f}",
+    "tokens_per_sec": "{:,.0f}",
+    "speedup": "{:.2f}x",
+    "gflops": "{:.1f}",
+    "peak_share": "{:.0%}",
+    "first_step_s": "{:.2f}",
+    "peak_mem_mib": "{:,.0f}",
+    "train_loss": "{:.4f}",
+    "val_loss": "{:.4f}",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_step",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example (nanoGPT's CPU recipe shape, its batch of 12 and a larger one): "
+        "python -m benchmarks.train_step --batch-sizes 12,64 --steps 200",
+    )
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)",
+    )
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default: the example's train.batch_size)")
+    parser.add_argument("--threads", help="comma-separated CPU thread counts (default: the example's train.threads)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per variant (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every variant, keep its fastest round")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="matrix side for the peak (default: 2048)")
+    return parser
+
+
+def job_overrides(example: str, variant: str, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
+    precision, compiled = VARIANTS[variant]
+    train = f"{example}.train"
+    return [
+        f"{train}.threads={threads}",
+        f"{train}.precision={precision}",
+        f"{train}.compile={str(compiled).lower()}",
+        f"{train}.batch_size={batch}",
+        f"{train}.max_steps={steps}",
+        f"{train}.warmup_steps={min(warmup, steps)}",
+        f"{train}.eval_interval={steps}",
+    ]
+
+
+def measure(params_path, example: str, overrides: list[str]) -> dict:
+    """Train one variant (in its own process) and return its figures."""
+    from pipeline.commands import build_model
+    from pipeline.training import train
+
+    params = example_params(load_params(params_path, overrides), example, params_path)
+    dataset = load_example(params, example)
+    device = pick_device(params.train.device)
+    model = build_model(params, dataset.vocab.size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = train(model, dataset, params.train, device, progress=False)
+    tokens = params.train.batch_size * params.model.block_size
+    seconds = [tokens / h.tokens_per_sec for h in result.history]
+    step = statistics.median(seconds[len(seconds) // 2 :])
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # the whole process, torch itself included: compare variants, not absolute sizes
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return {
+        "ms_per_step": step * 1e3,
+        "tokens_per_sec": tokens / step,
+        "first_step_s": seconds[0],
+        "peak_mem_mib": peak_mib,
+        "train_loss": statistics.mean(h.train_loss for h in result.history[-10:]),
+        "val_loss": result.evals[-1].val_loss,
+        "flops_per_token": flops_per_token(model),
+        "num_params": model.num_params(),
+    }
+
+
+def in_fresh_process(*args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure, *args).result()
+
+
+def run(args) -> dict:
+    params = example_config(args)
+    device = pick_device(params.train.device)
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise PipelineError(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [params.train.batch_size]
+    peaks = {
+        "float32": matmul_peak(device, torch.float32, args.matmul_size),
+        "bfloat16": matmul_peak(device, torch.bfloat16, args.matmul_size),
+    }
+    print(
+        f"{args.example} ({params.model.n_layer} layers, {params.model.n_head} heads, {params.model.n_embd} wide, "
+        f"block {params.model.block_size}) on {machine(device)['device_name']}; matmul peak "
+        f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16",
+        flush=True,
+    )
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [params.train.threads]
+    jobs = [(variant, batch, n) for n in threads for batch in batches for variant in variants]
+    best = {}
+    for _ in range(args.rounds):  # rounds interleave the variants: a busy spell hits them all alike
+        for job in jobs:
+            variant, batch, n = job
+            overrides = args.overrides + job_overrides(
+                args.example, variant, batch, n, args.steps, params.train.warmup_steps
+            )
+            figures = in_fresh_process(args.params, args.example, overrides)
+            if job not in best or figures["ms_per_step"] < best[job]["ms_per_step"]:
+                best[job] = figures
+            ms = figures["ms_per_step"]
+            print(f"  {variant}, batch {batch}, {n or 'default'} threads: {ms:.2f} ms/step", flush=True)
+    rows = []
+    for variant, batch, n in jobs:
+        figures = best[variant, batch, n]
+        gflops = figures["flops_per_token"] * figures["tokens_per_sec"] / 1e9
+        rows.append(
+            {"variant": variant, "batch": batch, "threads": n or torch.get_num_threads()}
+            | figures
+            | {"gflops": gflops, "peak_share": gflops / peaks[VARIANTS[variant][0]]}
+        )
+    for row in rows:
+        row["speedup"] = row["tokens_per_sec"] / rows[0]["tokens_per_sec"]
+    return {
+        "benchmark": "train_step",
+        "command": " ".join(["python -m benchmarks.train_step", *sys.argv[1:]]),
+        "machine": machine(device),
+        "example": args.example,
+        "model": {k: getattr(params.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
+        "steps": args.steps,
+        "matmul_peak_gflops": peaks,
+        "rows": rows,
+    }
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = run(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results["rows"], COLUMNS))
+    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
+    save_results(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
