@@ -1,6 +1,7 @@
 """The command line: `python -m pipeline <command> --help`. The DVC stages call it too."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ STAGES = {
     "train": "train the model and log the run to MLflow",
     "evaluate": "whole-split loss, perplexity, bits per character (and word metrics) into metrics.json",
     "sample": "write samples (text, or word completions) from the trained model",
+    "inspect": "next-character tables and attention maps of prompts into models/<example>/reports",
 }
 
 
@@ -34,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "train":
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        if name == "inspect":
+            stage.add_argument(
+                "--prompt",
+                dest="prompts",
+                action="append",
+                metavar="TEXT",
+                help="inspect this prompt instead of the params file's inspect.prompts (repeatable)",
+            )
     compare = commands.add_parser(
         "compare",
         help="table of the MLflow runs, best validation loss first",
@@ -51,7 +61,10 @@ def run_stage(args) -> None:
     from pipeline.config import ExamplePaths, example_params, load_params
     from pipeline.tracking import Tracker
 
-    params = example_params(load_params(args.params, args.overrides), args.example, args.params)
+    overrides = list(args.overrides)
+    if getattr(args, "prompts", None):  # JSON is YAML: any character survives the trip
+        overrides.append(f"{args.example}.inspect.prompts={json.dumps(args.prompts)}")
+    params = example_params(load_params(args.params, overrides), args.example, args.params)
     paths = ExamplePaths(Path.cwd(), args.example)
     if args.command == "prepare":
         commands.prepare_example(params, paths)
@@ -59,6 +72,8 @@ def run_stage(args) -> None:
         commands.train_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
     elif args.command == "evaluate":
         commands.evaluate_example(params, paths, Tracker.for_project())
+    elif args.command == "inspect":
+        commands.inspect_example(params, paths, Tracker.for_project())
     else:
         commands.sample_example(params, paths, Tracker.for_project())
 

@@ -1,7 +1,7 @@
 """Typed parameters for every stage, read from `params.yaml` and validated once, at the edge.
 
 `params.yaml` holds one section per example (`toy`, `shakespeare`, ...), each with the keys
-`data`, `model`, `train`, `evaluate` and `sample`. Every problem in the file is reported at
+`data`, `model`, `train`, `evaluate`, `sample` and `inspect`. Every problem in the file is reported at
 once, each with its key path, before any work starts.
 """
 
@@ -92,12 +92,21 @@ class SampleParams:
 
 
 @dataclass(config=STRICT)
+class InspectParams:
+    """What the inspect stage shows: next-character tables and attention maps of each prompt."""
+
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    top_k: PositiveInt  # next characters per row of the text table
+
+
+@dataclass(config=STRICT)
 class ExampleParams:
     data: DataParams
     model: ModelConfig
     train: TrainParams
     evaluate: EvaluateParams
     sample: SampleParams
+    inspect: InspectParams
 
     def __post_init__(self):
         if self.data.kind == "words" and self.evaluate.words is None:
@@ -168,6 +177,11 @@ class ExamplePaths:
     def samples(self) -> Path:
         return self.model_dir / "samples.txt"
 
+    @property
+    def reports(self) -> Path:
+        """Pictures and tables of what the model learned, with a copy of the loss curve."""
+        return self.model_dir / "reports"
+
 
 PARAMS_SCHEMA = TypeAdapter(dict[str, ExampleParams])
 KNOWN_KEYS = sorted(
@@ -181,6 +195,7 @@ KNOWN_KEYS = sorted(
             WordEvalParams,
             EvaluateParams,
             SampleParams,
+            InspectParams,
             ExampleParams,
         )
         for f in dataclasses.fields(cls)

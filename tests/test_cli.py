@@ -8,7 +8,7 @@ from pipeline.cli import main
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "compare"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "inspect", "compare"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -16,7 +16,7 @@ def test_every_command_has_help(command, capsys):
     assert f"python -m pipeline {command}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample", "inspect"])
 def test_stage_scripts_share_the_command_line(stage):
     result = subprocess.run(
         [sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True, text=True
@@ -60,3 +60,21 @@ def test_a_prompt_with_unknown_characters_fails_cleanly(project, capsys, monkeyp
     assert main(["sample", *params, "--set", "toy.sample.prompts=[CO, cor]"]) == 2
     assert "'cor' has 'c', 'o', 'r'" in capsys.readouterr().err
     assert not (project / "models/toy/samples.txt").exists()
+
+
+def test_inspect_prints_the_table_of_a_prompt_and_refuses_unknown_characters(trained_project, capsys, monkeypatch):
+    root, _ = trained_project
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reports = root / "models/toy/reports"
+    assert main(["inspect", "--example", "toy", "--prompt", "COR", "--prompt", "NO"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prompt 'COR', read as ' COR'\n␠ -> '") and "\nR -> '" in out and "prompt 'NO'" in out
+    assert {"1-COR-next-chars.png", "1-COR-attention.png", "2-NO-attention.png"} <= {p.name for p in reports.iterdir()}
+    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    assert main(["inspect", "--example", "toy", "--prompt", "COR", "--prompt", "cor"]) == 2
+    assert "'cor' has 'c', 'o', 'r'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before
+    assert main(["inspect", "--example", "toy", "--prompt", ""]) == 2
+    assert "toy.inspect.prompts.0: String should have at least 1 character" in capsys.readouterr().err
