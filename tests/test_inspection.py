@@ -132,3 +132,14 @@ def test_a_trained_toy_model_reads_its_words(trained_project):
     inspection = inspect_prompt(checkpoint.model, checkpoint.vocab, "CORN", word_list=True, device="cpu")
     torch.testing.assert_close(inspection.probs.sum(dim=-1), torch.ones(5))
     assert inspection.probs[-1, checkpoint.vocab.encode(" ")[0]] > 1 / checkpoint.vocab.size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_explicit_path_matches_the_fused_cuda_kernel():
+    model = sharp_model().cuda()
+    idx = torch.randint(VOCAB.size, (4, 8), device="cuda")
+    with torch.no_grad():
+        fused, _ = model(idx)
+    logits, weights = forward_with_attention(model, idx)
+    torch.testing.assert_close(logits, fused, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(4, 2, 4, 8, device="cuda"))
