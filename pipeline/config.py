@@ -1,8 +1,8 @@
 """Typed parameters for every stage, read from `params.yaml` and validated once, at the edge.
 
 `params.yaml` holds one section per example (`toy`, `shakespeare`, ...), each with the keys
-`data`, `model`, `train`, `evaluate`, `sample` and `inspect`. Every problem in the file is reported at
-once, each with its key path, before any work starts.
+`data`, `model`, `train`, `evaluate`, `sample` and `inspect`. Every problem in the file is
+reported at once, each with its key path, before any work starts.
 """
 
 import dataclasses
