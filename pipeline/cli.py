@@ -13,6 +13,7 @@ STAGES = {
     "evaluate": "whole-split loss, perplexity, bits per character (and word metrics) into metrics.json",
     "sample": "write samples (text, or word completions) from the trained model",
     "tune": "Optuna sweep over the params' tune.space, each trial a tracked training run",
+    "inspect": "next-character tables and attention maps of prompts into models/<example>/reports",
 }
 
 
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         if name == "tune":
             add_tune_options(stage)
+        if name == "inspect":
+            stage.add_argument(
+                "--prompt",
+                dest="prompts",
+                action="append",
+                metavar="TEXT",
+                help="inspect this prompt instead of the params file's inspect.prompts (repeatable)",
+            )
     compare = commands.add_parser(
         "compare",
         help="table of the MLflow runs, best validation loss first",
@@ -79,6 +88,8 @@ def run_stage(args) -> None:
 
     overrides = [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
     overrides += tune_overrides(args) if args.command == "tune" else []
+    if getattr(args, "prompts", None):  # JSON is YAML: any character survives the trip
+        overrides.append(f"{args.example}.inspect.prompts={json.dumps(args.prompts)}")
     params = example_params(load_params(args.params, overrides), args.example, args.params)
     paths = ExamplePaths(Path.cwd(), args.example)
     if args.command == "prepare":
@@ -91,6 +102,8 @@ def run_stage(args) -> None:
         tune_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
     elif args.command == "evaluate":
         commands.evaluate_example(params, paths, Tracker.for_project())
+    elif args.command == "inspect":
+        commands.inspect_example(params, paths, Tracker.for_project())
     else:
         commands.sample_example(params, paths, Tracker.for_project())
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pandas as pd
 import torch
@@ -11,9 +12,10 @@ from pipeline.config import ExampleParams, ExamplePaths
 from pipeline.data import Dataset, load_dataset, prepare
 from pipeline.errors import PipelineError
 from pipeline.evaluation import split_metrics, word_metrics
-from pipeline.files import write_json, write_text
+from pipeline.files import write_folder, write_json, write_text
+from pipeline.inspection import Inspection, check_inspect_prompts, format_table, inspect_prompt
 from pipeline.model import GPT, GPTConfig
-from pipeline.plots import save_loss_curve
+from pipeline.plots import attention_maps_png, next_char_heatmap_png, save_loss_curve
 from pipeline.sampling import check_prompts, sample_report
 from pipeline.tracking import Tracker, TrainingLogger, flatten, load_run_id, run_tags, save_run_info
 from pipeline.training import TrainResult, pick_device, train
@@ -131,3 +133,52 @@ def sample_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker)
         tracker.log_artifacts(run_id, [paths.samples])
     print(report)
     return report
+
+
+def file_stem(number: int, prompt: str) -> str:
+    """`1-CORN`, `2-ROMEO_I_will`: numbered, so that prompts alike after cleaning never collide."""
+    return f"{number}-{re.sub(r'[^A-Za-z0-9]+', '_', prompt).strip('_')[:40]}".rstrip("-")
+
+
+def inspection_pictures(inspection: Inspection, example: str) -> dict[str, bytes]:
+    """The next-character heatmap and the attention maps of one prompt, as PNG files by suffix."""
+    return {
+        "next-chars.png": next_char_heatmap_png(
+            inspection.probs.numpy(),
+            inspection.prefixes(),
+            list(inspection.vocab.chars),
+            f"{example}: next character after each prefix of {inspection.context!r}",
+        ),
+        "attention.png": attention_maps_png(
+            inspection.attention.numpy(),
+            inspection.context,
+            f"{example}: attention weights over {inspection.context!r}",
+        ),
+    }
+
+
+def inspect_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker) -> str:
+    """Tables and pictures of what the model makes of each prompt, into the reports folder and its run."""
+    device = pick_device("auto")
+    checkpoint = load_checkpoint(paths.checkpoint, device)
+    word_list = params.data.kind == "words"
+    check_inspect_prompts(checkpoint.vocab, params.inspect.prompts, checkpoint.model.config.block_size, word_list)
+    if not paths.loss_plot.exists():
+        raise PipelineError(f"{paths.loss_plot} does not exist: run the train stage first")
+    run_id = load_run_id(paths.run_info, tracker)
+    with tracker.active(run_id):
+        inspections = [
+            inspect_prompt(checkpoint.model, checkpoint.vocab, prompt, word_list, device)
+            for prompt in params.inspect.prompts
+        ]
+        table = "\n".join(format_table(i, params.inspect.top_k) for i in inspections)
+        files = {"next-chars.txt": table.encode(), "loss.png": paths.loss_plot.read_bytes()}
+        for number, inspection in enumerate(inspections, 1):
+            for suffix, png in inspection_pictures(inspection, paths.example).items():
+                files[f"{file_stem(number, inspection.prompt)}-{suffix}"] = png
+        write_folder(paths.reports, files)
+        tracker.set_tags(run_id, flatten(dataclasses.asdict(params.inspect), "inspect."))
+        tracker.log_artifacts(run_id, [paths.reports / name for name in files], "reports")
+    print(table)
+    print(f"{paths.example}: {len(files)} files in {paths.reports}, logged to MLflow run {run_id}")
+    return table

@@ -1,8 +1,8 @@
 """Typed parameters for every stage, read from `params.yaml` and validated once, at the edge.
 
 `params.yaml` holds one section per example (`toy`, `shakespeare`, ...), each with the keys
-`data`, `model`, `train`, `evaluate` and `sample`. Every problem in the file is reported at
-once, each with its key path, before any work starts.
+`data`, `model`, `train`, `evaluate`, `sample` and `inspect`. Every problem in the file is
+reported at once, each with its key path, before any work starts.
 """
 
 import dataclasses
@@ -212,12 +212,21 @@ class TuneParams:
 
 
 @dataclass(config=STRICT)
+class InspectParams:
+    """What the inspect stage shows: next-character tables and attention maps of each prompt."""
+
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    top_k: PositiveInt  # next characters per row of the text table
+
+
+@dataclass(config=STRICT)
 class ExampleParams:
     data: DataParams
     model: ModelConfig
     train: TrainParams
     evaluate: EvaluateParams
     sample: SampleParams
+    inspect: InspectParams
     tune: TuneParams | None = None
 
     def __post_init__(self):
@@ -298,6 +307,11 @@ class ExamplePaths:
     def tune_metrics(self) -> Path:
         return self.model_dir / "tune.json"
 
+    @property
+    def reports(self) -> Path:
+        """Pictures and tables of what the model learned, with a copy of the loss curve."""
+        return self.model_dir / "reports"
+
 
 PARAMS_SCHEMA = TypeAdapter(dict[str, ExampleParams])
 KNOWN_KEYS = sorted(
@@ -317,6 +331,7 @@ KNOWN_KEYS = sorted(
             SamplerParams,
             PrunerParams,
             TuneParams,
+            InspectParams,
             ExampleParams,
         )
         for f in dataclasses.fields(cls)

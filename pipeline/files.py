@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -64,3 +65,27 @@ def load_torch(path: Path, device: torch.device | str = "cpu"):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a torn or foreign file
         raise PipelineError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def write_folder(path: Path, files: dict[str, bytes]) -> None:
+    """Make `path` a folder holding exactly `files`: a failure leaves the old folder as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            write_bytes(staging / name, data)
+        old = staging.with_suffix(".old") if path.exists() else None
+        if old:
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if old:
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old)

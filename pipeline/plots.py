@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: loss curves of training runs, a sweep's trials."""
+"""Pictures people would rather look at than read: loss curves, next-character probabilities,
+attention maps, a sweep's trials."""
 
 import io
 import warnings
@@ -8,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.files import write_bytes  # noqa: E402
@@ -23,16 +25,24 @@ def loss_curve_png(history: pd.DataFrame, evals: pd.DataFrame, title: str) -> by
     ax.set(xlabel="step", ylabel="cross-entropy loss (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _figure_png(fig)
+    return _png(fig)
 
 
 def save_loss_curve(path, history: pd.DataFrame, evals: pd.DataFrame, title: str) -> None:
     write_bytes(path, loss_curve_png(history, evals, title))
 
 
-def _figure_png(fig) -> bytes:
+# DejaVu Sans, matplotlib's font, has no ␠: an open box stands for the space
+GLYPHS = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+
+
+def glyphs(text: str) -> str:
+    return "".join(GLYPHS.get(ch, ch) for ch in text)
+
+
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=100)
+    fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
@@ -58,6 +68,46 @@ def save_study_plots(study, folder: Path) -> list[Path]:
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.set_size_inches(9, 5)
-            write_bytes(folder / name, _figure_png(figure))
+            write_bytes(folder / name, _png(figure))
             saved.append(folder / name)
     return saved
+
+
+def next_char_heatmap_png(probs, prefixes: list[str], chars: list[str], title: str) -> bytes:
+    """Positions × vocabulary: after each prefix (a row), the probability of each next character.
+
+    Cells of 5 % and more carry their percentage, so a small vocabulary reads at a glance.
+    """
+    probs = np.asarray(probs)
+    rows, cols = probs.shape
+    fig, ax = plt.subplots(figsize=(2.5 + 0.3 * cols, 1.5 + 0.35 * rows), dpi=100)
+    image = ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(cols), [glyphs(c) for c in chars])
+    ax.set_yticks(range(rows), [glyphs(p) for p in prefixes])
+    for (row, col), p in np.ndenumerate(probs):
+        if p >= 0.05:
+            color = "white" if p > 0.6 else "black"
+            ax.text(col, row, f"{100 * p:.0f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set(xlabel="next character (cell: probability in %)", ylabel="text so far", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="probability")
+    return _png(fig)
+
+
+def attention_maps_png(weights, chars: str, title: str) -> bytes:
+    """One heatmap per layer (rows) and head (columns): how much each position attends to each earlier one."""
+    weights = np.asarray(weights)
+    n_layer, n_head, T, _ = weights.shape
+    side = max(2.2, 0.8 + 0.18 * T)
+    size = (side * n_head + 1, side * n_layer + 0.8)
+    fig, axes = plt.subplots(n_layer, n_head, figsize=size, dpi=100, squeeze=False, layout="constrained")
+    labels = [glyphs(c) for c in chars]
+    for (layer, head), ax in np.ndenumerate(axes):
+        image = ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(T), labels, fontsize=7)
+        ax.set_yticks(range(T), labels, fontsize=7)
+        ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
+    fig.supxlabel("attended-to character (key)")
+    fig.supylabel("attending character (query)")
+    fig.suptitle(title)
+    fig.colorbar(image, ax=axes, fraction=0.02, pad=0.02, label="attention weight")
+    return _png(fig)

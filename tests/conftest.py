@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import ExamplePaths, load_params
+from pipeline.config import ExamplePaths, apply_overrides, load_params
 from pipeline.data import load_dataset, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +45,17 @@ def tiny_params(example: str, *extra: str):
     return load_params(ROOT / "params.yaml", TINY[example] + list(extra))[example]
 
 
+def copy_inputs(root: Path) -> Path:
+    for example in ("toy", "shakespeare"):
+        (root / "data" / example).mkdir(parents=True)
+        shutil.copy(ROOT / "data" / example / "input.txt", root / "data" / example / "input.txt")
+    return root
+
+
 @pytest.fixture
 def project(tmp_path):
     """A project root with both examples' input files, nothing prepared yet."""
-    for example in ("toy", "shakespeare"):
-        (tmp_path / "data" / example).mkdir(parents=True)
-        shutil.copy(ROOT / "data" / example / "input.txt", tmp_path / "data" / example / "input.txt")
-    return tmp_path
+    return copy_inputs(tmp_path)
 
 
 @pytest.fixture
@@ -101,3 +106,22 @@ def postgres_url():
     finally:
         run(_postgres_bin("pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory):
+    """A project whose params.yaml holds the tiny parameters, with both examples prepared, trained
+    and evaluated by the library into the project's own MLflow store: (root, tracker)."""
+    from pipeline import commands
+    from pipeline.tracking import Tracker
+
+    root = copy_inputs(tmp_path_factory.mktemp("trained"))
+    raw = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY["toy"] + TINY["shakespeare"])
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    tracker = Tracker.for_project(root)
+    for example, params in load_params(root / "params.yaml").items():
+        paths = ExamplePaths(root, example)
+        commands.prepare_example(params, paths)
+        commands.train_example(params, paths, tracker, progress=False)
+        commands.evaluate_example(params, paths, tracker)
+    return root, tracker

@@ -8,7 +8,7 @@ from pipeline.cli import main
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "compare"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "inspect", "compare"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -16,7 +16,7 @@ def test_every_command_has_help(command, capsys):
     assert f"python -m pipeline {command}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample", "inspect"])
 def test_stage_scripts_share_the_command_line(stage):
     result = subprocess.run(
         [sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True, text=True
@@ -69,3 +69,21 @@ def test_set_file_overrides_apply_before_set(project, capsys, monkeypatch):
     code = main(["train", "--example", "toy", "--set-file", "o.txt", "--set", "toy.model.n_embd=32"])
     err = capsys.readouterr().err
     assert code == 2 and "toy.train.max_steps" in err and "n_embd" not in err
+
+
+def test_inspect_prints_the_table_of_a_prompt_and_refuses_unknown_characters(trained_project, capsys, monkeypatch):
+    root, _ = trained_project
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reports = root / "models/toy/reports"
+    assert main(["inspect", "--example", "toy", "--prompt", "COR", "--prompt", "NO"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prompt 'COR', read as ' COR'\n␠ -> '") and "\nR -> '" in out and "prompt 'NO'" in out
+    assert {"1-COR-next-chars.png", "1-COR-attention.png", "2-NO-attention.png"} <= {p.name for p in reports.iterdir()}
+    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    assert main(["inspect", "--example", "toy", "--prompt", "COR", "--prompt", "cor"]) == 2
+    assert "'cor' has 'c', 'o', 'r'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before
+    assert main(["inspect", "--example", "toy", "--prompt", ""]) == 2
+    assert "toy.inspect.prompts.0: String should have at least 1 character" in capsys.readouterr().err

@@ -29,6 +29,8 @@ def test_the_shipped_params_file_is_valid():
         ("toy.data.kind=csv", "toy.data: Input tag 'csv' found using 'kind' does not match"),
         ("toy.data.seedd=1", "toy.data.seedd: unknown key (did you mean 'seed'?)"),
         ("toy.sample.prompts=[]", "toy.sample.prompts: List should have at least 1 item"),
+        ("toy.inspect.top_k=0", "toy.inspect.top_k: Input should be greater than 0"),
+        ("toy.inspect.topk=3", "toy.inspect.topk: unknown key (did you mean 'top_k'?)"),
         ("toy.evaluate.words=null", "toy: evaluate.words is required for a word-list example"),
         ("shakespeare.model.dropout=1", "shakespeare.model.dropout: Input should be less than 1"),
     ],

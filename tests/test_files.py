@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write, read_json, write_json, write_text
+from pipeline.files import atomic_write, read_json, write_folder, write_json, write_text
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary_file(tmp_path):
@@ -31,3 +31,20 @@ def test_broken_json_is_named(tmp_path):
     path.write_text("{")
     with pytest.raises(PipelineError, match="meta.json is not valid JSON"):
         read_json(path)
+
+
+def test_write_folder_replaces_the_whole_folder(tmp_path):
+    folder = tmp_path / "reports"
+    write_folder(folder, {"a.png": b"1", "old.txt": b"2"})
+    write_folder(folder, {"a.png": b"3", "b.txt": b"4"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"a.png": b"3", "b.txt": b"4"}
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]
+
+
+def test_a_folder_write_that_fails_keeps_the_old_folder(tmp_path):
+    folder = tmp_path / "reports"
+    write_folder(folder, {"a.png": b"1"})
+    with pytest.raises(TypeError):  # the second file fails halfway through the folder
+        write_folder(folder, {"b.png": b"2", "c.png": "not bytes"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"a.png": b"1"}
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]

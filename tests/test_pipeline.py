@@ -24,7 +24,9 @@ from .conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
+STAGES = ["prepare", "train", "evaluate", "sample", "inspect", "tune"]
 OUTPUTS = ["ckpt.pt", "run.json", "loss.png", "history.csv", "evals.csv", "train.json", "metrics.json", "samples.txt"]
+REPORTS = ["next-chars.txt", "loss.png", "1-CORN-next-chars.png", "1-CORN-attention.png"]
 
 
 def project_files() -> list[str]:
@@ -79,19 +81,24 @@ def ran_stages(output: str) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_every_output(repo):
     path, output = repo
-    stages = {f"{s}@{e}" for s in ("prepare", "train", "evaluate", "sample") for e in ("toy", "shakespeare")}
+    stages = {f"{s}@{e}" for s in STAGES if s != "tune" for e in ("toy", "shakespeare")}
     assert ran_stages(output) == stages | {"tune@toy"}
     assert {"best_params.yaml", "trials.csv", "history.png"} <= {p.name for p in (path / "models/toy/tune").iterdir()}
     assert yaml.safe_load((path / "models/toy/tune.json").read_text())["trials"] == 3
     for example in ("toy", "shakespeare"):
         for name in OUTPUTS:
             assert (path / "models" / example / name).stat().st_size > 0, f"{example}/{name}"
+        reports = path / "models" / example / "reports"
+        assert len(list(reports.glob("*-attention.png"))) == len(
+            yaml.safe_load((path / "params.yaml").read_text())[example]["inspect"]["prompts"]
+        )
         assert {p.name for p in (path / "data" / example / "prepared").iterdir()} == {
             "train.bin",
             "val.bin",
             "meta.json",
         }
     assert (path / "models/toy/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all((path / "models/toy/reports" / name).stat().st_size > 0 for name in REPORTS)
 
 
 def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
@@ -108,7 +115,9 @@ def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
         assert {"example", "git_commit", "device", "torch_version"} <= set(run.data.tags)
         assert run.data.params["model.n_layer"] == "1"
         artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
-        assert {"checkpoint", "loss.png", "history.csv", "metrics.json", "samples.txt"} <= artifacts
+        assert {"checkpoint", "loss.png", "history.csv", "metrics.json", "samples.txt", "reports"} <= artifacts
+        reports = {a.path for a in tracker.client.list_artifacts(run_id, "reports")}
+        assert "reports/next-chars.txt" in reports and len([r for r in reports if r.endswith("-attention.png")]) >= 2
         steps = len(tracker.client.get_metric_history(run_id, "train_loss"))
         assert steps == int(run.data.params["train.max_steps"])
     toy = tracker.client.get_run(table.run_id[table.example == "toy"].item())
@@ -124,9 +133,11 @@ def test_a_second_repro_does_nothing(repo):
 def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
     path, _ = repo
     output = run(path, "dvc", "exp", "run", "-S", "shakespeare.train.max_steps=12")
-    assert ran_stages(output) == {"train@shakespeare", "evaluate@shakespeare", "sample@shakespeare"}
+    assert ran_stages(output) == {f"{stage}@shakespeare" for stage in ("train", "evaluate", "sample", "inspect")}
     output = run(path, "dvc", "exp", "run", "-S", "toy.sample.temperature=0.5")
     assert ran_stages(output) == {"sample@toy"}
+    output = run(path, "dvc", "exp", "run", "-S", "toy.inspect.top_k=2")
+    assert ran_stages(output) == {"inspect@toy"}
     table = runs_table(Tracker.for_project(path), experiment="shakespeare")
     assert len(table) == 2 and "12" in set(table.steps)
     params_diff = run(path, "dvc", "params", "diff")
@@ -160,6 +171,9 @@ def test_plots_render(repo):
     run(path, "dvc", "plots", "show", "-o", "plots")
     html = (path / "plots" / "index.html").read_text()
     assert "Training loss (toy)" in html and "loss.png" in html
+    for example in ("toy", "shakespeare"):
+        assert f"models/{example}/reports/1-" in html and "-attention.png" in html and "-next-chars.png" in html
+    assert "next-chars.txt" not in html
 
 
 def test_toy_defaults_learn_the_words_and_complete_cor(project):
@@ -200,7 +214,7 @@ def code_that_ran(path: Path, stage: str) -> set[str]:
     return {str(Path(f).relative_to(path)) for f in files if f.startswith(str(path)) and "/.venv/" not in f}
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "sample", "tune"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_lists_every_module_whose_code_it_runs(repo, stage):
     """Runs the stage with a profiler: a module it calls into but does not list would leave results stale."""
     path, _ = repo
