@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainParams
 from pipeline.data import Dataset, random_batch
-from pipeline.errors import PipelineError
+from pipeline.errors import Diverged, PipelineError
 from pipeline.model import GPT
 
 
@@ -30,6 +30,22 @@ class EvalRecord:
     step: int
     train_loss: float
     val_loss: float
+
+
+@dataclasses.dataclass
+class TrainState:
+    """How far a run got: with the model's weights, all that is needed to continue it exactly.
+
+    It refers to the live optimizer tensors: save it before the next step changes them.
+    """
+
+    step: int
+    optimizer: dict
+    sampler: torch.Tensor  # state of the generator that draws the training batches
+    rng: dict  # the global torch, numpy and Python RNG states; dropout draws from torch's
+    history: list[StepRecord]
+    evals: list[EvalRecord]
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -84,6 +100,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global RNG states as tensors and plain values, which `torch.load(weights_only=True)` reads."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss)},
+        "python": {"version": version, "state": list(internal), "gauss": gauss_next},
+    }
+    state["numpy"]["gauss"] = float(gauss)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def learning_rate_at(step: int, params: TrainParams) -> float:
     """Linear warm-up to `learning_rate`, then cosine decay to `min_lr` at `max_steps`."""
     if step < params.warmup_steps:
@@ -129,10 +170,17 @@ def train(
     on_step: Callable[[StepRecord], None] | None = None,
     on_eval: Callable[[EvalRecord], None] | None = None,
     progress: bool = True,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState, bool], None] | None = None,
+    stop: Callable[[], BaseException | None] | None = None,
 ) -> TrainResult:
     """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
 
     `on_eval` sees every evaluation (a sweep reports it to its pruner and may raise to stop).
+    `on_checkpoint(state, best)` follows every evaluation (`best`: the lowest validation loss so
+    far). `resume` continues a run from its saved state, the model holding that state's weights,
+    exactly as if it had never stopped. `stop` is asked between steps; when it returns an
+    exception, the state is checkpointed and the exception raised.
     """
     seed_everything(params.seed)
     block_size = model.config.block_size
@@ -141,20 +189,43 @@ def train(
     generator = torch.Generator().manual_seed(params.seed)
     eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
     train_starts = dataset.window_starts("train", block_size)
-    history, evals = [], []
-    started = time.perf_counter()
+    history, evals, start = [], [], 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.sampler)
+        set_rng_state(resume.rng)
+        history, evals, start = list(resume.history), list(resume.evals), resume.step
+    started = time.perf_counter() - (resume.seconds if resume else 0.0)
+
+    def checkpoint(step: int, best: bool) -> None:
+        if on_checkpoint:
+            seconds = time.perf_counter() - started
+            on_checkpoint(
+                TrainState(step, optimizer.state_dict(), generator.get_state(), rng_state(), history, evals, seconds),
+                best,
+            )
 
     def evaluate(step: int) -> None:
         train_loss, val_loss = (mean_loss(model, batches, device, params.precision) for batches in eval_sets)
+        if not math.isfinite(val_loss):
+            raise Diverged(f"training diverged: validation loss is {val_loss} at step {step}", step)
+        best = not evals or val_loss < min(e.val_loss for e in evals)
         evals.append(EvalRecord(step, train_loss, val_loss))
         if progress:
             tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if on_eval:
             on_eval(evals[-1])
+        checkpoint(step, best)
 
     # disable=None: a bar on a terminal, none in a log file
-    bar = tqdm(range(1, params.max_steps + 1), desc="train", unit="step", disable=None if progress else True)
+    steps = range(start + 1, params.max_steps + 1)
+    bar = tqdm(
+        steps, initial=start, total=params.max_steps, desc="train", unit="step", disable=None if progress else True
+    )
     for step in bar:
+        if stop and (reason := stop()) is not None:
+            checkpoint(step - 1, best=False)
+            raise reason
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)
         for group in optimizer.param_groups:
@@ -164,7 +235,7 @@ def train(
             _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # stop before the update, so the weights stay finite
-            raise PipelineError(f"training diverged: loss is {loss_value} at step {step}")
+            raise Diverged(f"training diverged: loss is {loss_value} at step {step}", step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip > 0:

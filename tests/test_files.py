@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 
 from pipeline.errors import PipelineError
@@ -18,9 +21,9 @@ def test_a_write_that_fails_halfway_keeps_the_old_file(tmp_path):
 
     def torn(f):
         f.write(b'{"loss": ')
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(PipelineError, match=f"cannot write {path}: No space left on device"):
         atomic_write(path, torn)
     assert read_json(path) == {"loss": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
