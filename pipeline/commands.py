@@ -130,6 +130,8 @@ def train_example(
     device = pick_device(params.train.device)
     for folder in (paths.model_dir, paths.checkpoints):
         check_writable(folder)
+    for leftover in paths.checkpoints.glob(".*.tmp"):  # a process killed halfway through a write left it
+        leftover.unlink()
     model = build_model(params, dataset.vocab.size)
     fingerprint = training_fingerprint(params, dataset)
     resume = None if fresh else find_resume_point(paths, fingerprint, tracker)

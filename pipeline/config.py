@@ -57,10 +57,10 @@ class TrainParams:
     precision: Literal["auto", "float32", "bfloat16"]  # auto: bf16 autocast on CUDA only
     max_steps: PositiveInt
     batch_size: PositiveInt
-    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]  # above 1, AdamW steps are as large as the weights
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # AdamW steps are about this size
     min_lr: NonNegativeFloat
     warmup_steps: NonNegativeInt
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)]
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     beta1: Beta
     beta2: Beta
     grad_clip: NonNegativeFloat  # 0 turns clipping off
@@ -261,9 +261,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one section is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_params_file(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist") from None
     except yaml.YAMLError as e:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -100,5 +101,11 @@ def load_torch(path: Path, device: torch.device | str = "cpu"):
         raise PipelineError(f"{path} does not exist: run the train stage first")
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never
+        raise PipelineError(
+            f"{path} is not a readable checkpoint (UnpicklingError): it is torn, or holds more than tensors and "
+            "plain values, which is never loaded"
+        ) from None
     except Exception as e:  # torch raises many types for a torn or foreign file
-        raise PipelineError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        detail = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+        raise PipelineError(f"{path} is not a readable checkpoint ({type(e).__name__}: {detail})") from None

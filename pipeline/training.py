@@ -177,10 +177,10 @@ def train(
     """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
 
     `on_eval` sees every evaluation (a sweep reports it to its pruner and may raise to stop).
-    `on_checkpoint(state, best)` follows every evaluation (`best`: the lowest validation loss so
-    far). `resume` continues a run from its saved state, the model holding that state's weights,
-    exactly as if it had never stopped. `stop` is asked between steps; when it returns an
-    exception, the state is checkpointed and the exception raised.
+    `on_checkpoint(state, best)` comes before the first step and after every evaluation (`best`:
+    the lowest validation loss so far). `resume` continues a run from its saved state, the model
+    holding that state's weights, exactly as if it had never stopped. `stop` is asked between
+    steps; when it returns an exception, the state is checkpointed and the exception raised.
     """
     seed_everything(params.seed)
     block_size = model.config.block_size
@@ -222,6 +222,8 @@ def train(
     bar = tqdm(
         steps, initial=start, total=params.max_steps, desc="train", unit="step", disable=None if progress else True
     )
+    if start == 0:
+        checkpoint(0, best=False)  # from the first step on, a killed run has a checkpoint to resume from
     for step in bar:
         if stop and (reason := stop()) is not None:
             checkpoint(step - 1, best=False)
