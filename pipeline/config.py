@@ -241,7 +241,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try:
         return keys, yaml.safe_load(value)
     except yaml.YAMLError as e:
-        raise PipelineError(f"override '{text}': the value is not valid YAML ({e.problem})") from None
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"override '{text}': the value is not valid YAML ({reason})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -95,10 +95,11 @@ def run_cli(project: Path, command: str, *overrides: str, flags: tuple = (), env
     return subprocess.run(command_line, cwd=project, env=env or cli_env(), capture_output=True, text=True, **kwargs)
 
 
-def prepared_project(root: Path, store: Path, overrides=RESUMABLE) -> Path:
-    """`root` with the toy example's input prepared with `overrides`, and an empty MLflow store."""
-    shutil.copy(store, root / "mlflow.db")
+def prepared_project(root: Path, store: Path | None, overrides=RESUMABLE) -> Path:
+    """`root` with the toy example's input prepared with `overrides`, and a copy of `store` if given."""
     (root / "data" / "toy").mkdir(parents=True)
+    if store:
+        shutil.copy(store, root / "mlflow.db")
     shutil.copy(ROOT / "data" / "toy" / "input.txt", root / "data" / "toy" / "input.txt")
     params = load_params(ROOT / "params.yaml", list(overrides))["toy"]
     prepare(params.data, ExamplePaths(root, "toy"))
