@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import commands
 from pipeline.checkpoint import TrainingCheckpoints, load_resume_point
 from pipeline.commands import build_model
 from pipeline.errors import Diverged, PipelineError, Stopped
@@ -155,3 +156,31 @@ def test_rng_states_round_trip_through_a_safe_load(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_a_diverging_training_names_the_step_and_the_checkpoint_kept_and_fails_its_run(toy, tracker, monkeypatch):
+    params, paths, _ = toy
+    build = commands.build_model
+
+    def build_with_nan_after_25_steps(*args):
+        """Fault injection: from the 26th training forward pass on, the logits are NaN."""
+        model = build(*args)
+        passes = itertools.count(1)
+        model.lm_head.register_forward_hook(
+            lambda module, inputs, out: out * float("nan") if module.training and next(passes) > 25 else None
+        )
+        return model
+
+    monkeypatch.setattr(commands, "build_model", build_with_nan_after_25_steps)
+    with pytest.raises(Diverged) as error:
+        commands.train_example(params, paths, tracker, progress=False)
+    assert str(error.value) == (
+        f"toy: training diverged: loss is nan at step 26; the last good checkpoint, step 20, "
+        f"stays in {paths.latest_checkpoint}"
+    )
+    point = load_resume_point(paths.latest_checkpoint)
+    assert point.state.step == 20 and all(torch.isfinite(t).all() for t in point.model_state.values())
+    run = tracker.client.get_run(point.run_id)
+    assert run.info.status == "FAILED"
+    assert len(tracker.client.get_metric_history(point.run_id, "train_loss")) == 25  # the curve up to the blow-up
+    assert not paths.checkpoint.exists()
