@@ -121,17 +121,55 @@ def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab) -> di
     return summary
 
 
-def train_example(
-    params: ExampleParams, paths: ExamplePaths, tracker: Tracker, progress: bool = True, fresh: bool = False
-) -> TrainResult:
-    """Train, or continue the interrupted run of the same parameters unless `fresh`; see README."""
-    dataset = load_dataset(paths)
-    check_data_fits(dataset, params.model.block_size, paths.example)
-    device = pick_device(params.train.device)
+def prepare_model_folders(paths: ExamplePaths) -> None:
+    """Fail now, not after an hour of training, if the outputs cannot be written."""
     for folder in (paths.model_dir, paths.checkpoints):
         check_writable(folder)
     for leftover in paths.checkpoints.glob(".*.tmp"):  # a process killed halfway through a write left it
         leftover.unlink()
+
+
+def checkpointed_training(
+    model, dataset, params: ExampleParams, paths, device, logger, checkpoints, resume, stop, progress
+) -> TrainResult:
+    """`train()` with MLflow logging and the latest and best checkpoints; a stop or a divergence says where it is."""
+    if resume is not None:  # whatever of the saved history the MLflow run does not have yet
+        checkpoints.step = resume.state.step
+        for record in resume.state.history:
+            logger.on_step(record)
+        for record in resume.state.evals:
+            logger.on_eval(record)
+        logger.flush()
+
+    def on_checkpoint(state, best: bool) -> None:
+        logger.flush()  # first: MLflow may get ahead of the checkpoint, never behind it
+        checkpoints.save(state, best)
+
+    try:
+        return train(
+            model, dataset, params.train, device, logger.on_step, logger.on_eval, progress,
+            resume.state if resume else None, on_checkpoint, stop,
+        )  # fmt: skip
+    except Stopped as e:
+        raise Stopped(
+            f"{paths.example}: {e} at step {checkpoints.step}, saved in {paths.latest_checkpoint}; "
+            "run the same command again to resume",
+            e.signum,
+        ) from None
+    except Diverged as e:
+        logger.flush()  # the curve up to where it blew up
+        kept = f"; the last good checkpoint, step {checkpoints.step}, stays in {paths.latest_checkpoint}"
+        raise Diverged(f"{paths.example}: {e}{kept if checkpoints.step else ''}", e.step) from None
+
+
+def train_example(
+    params: ExampleParams, paths: ExamplePaths, tracker: Tracker, progress: bool = True, fresh: bool = False
+) -> TrainResult:
+    """Train, or continue the interrupted run of the same parameters unless `fresh` (README: Interruptions)."""
+    dataset = load_dataset(paths)
+    check_data_fits(dataset, params.model.block_size, paths.example)
+    device = pick_device(params.train.device)
+    prepare_model_folders(paths)
     model = build_model(params, dataset.vocab.size)
     fingerprint = training_fingerprint(params, dataset)
     resume = None if fresh else find_resume_point(paths, fingerprint, tracker)
@@ -147,34 +185,9 @@ def train_example(
         )
         with tracker.active(run_id):
             logger = TrainingLogger(tracker, run_id, logged_through)
-            if resume is not None:  # whatever of the saved history this run does not have yet
-                checkpoints.step = resume.state.step
-                for record in resume.state.history:
-                    logger.on_step(record)
-                for record in resume.state.evals:
-                    logger.on_eval(record)
-                logger.flush()
-
-            def on_checkpoint(state, best: bool) -> None:
-                logger.flush()  # first: MLflow may get ahead of the checkpoint, never behind it
-                checkpoints.save(state, best)
-
-            resume_state = resume.state if resume else None
-            try:
-                result = train(
-                    model, dataset, params.train, device, logger.on_step, logger.on_eval, progress,
-                    resume_state, on_checkpoint, stop,
-                )  # fmt: skip
-            except Stopped as e:
-                raise Stopped(
-                    f"{paths.example}: {e} at step {checkpoints.step}, saved in {paths.latest_checkpoint}; "
-                    "run the same command again to resume",
-                    e.signum,
-                ) from None
-            except Diverged as e:
-                logger.flush()  # the curve up to where it blew up
-                kept = f"; the last good checkpoint, step {checkpoints.step}, stays in {paths.latest_checkpoint}"
-                raise Diverged(f"{paths.example}: {e}{kept if checkpoints.step else ''}", e.step) from None
+            result = checkpointed_training(
+                model, dataset, params, paths, device, logger, checkpoints, resume, stop, progress
+            )
             if (reason := stop()) is not None:  # a signal during the last evaluation
                 raise reason
             logger.flush()
@@ -182,7 +195,7 @@ def train_example(
             tracker.log_metrics(run_id, summary, result.steps)
             tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
             tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
-    checkpoints.mark_finished()
+    checkpoints.mark_finished()  # after FINISHED: a kill in between only makes the next run redo the outputs
     print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {summary['final_val_loss']:.4f}")
     return result
 

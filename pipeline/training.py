@@ -103,13 +103,13 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """The global RNG states as tensors and plain values, which `torch.load(weights_only=True)` reads."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss)},
+        "numpy": numpy_state,
         "python": {"version": version, "state": list(internal), "gauss": gauss_next},
     }
-    state["numpy"]["gauss"] = float(gauss)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
