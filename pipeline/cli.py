@@ -9,7 +9,7 @@ from pipeline.errors import PipelineError
 
 STAGES = {
     "prepare": "build the vocabulary, split and encode data/<example>/input.txt",
-    "train": "train the model and log the run to MLflow",
+    "train": "train the model (or resume an interrupted run) and log the run to MLflow",
     "evaluate": "whole-split loss, perplexity, bits per character (and word metrics) into metrics.json",
     "sample": "write samples (text, or word completions) from the trained model",
     "tune": "Optuna sweep over the params' tune.space, each trial a tracked training run",
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="TEXT",
                 help="inspect this prompt instead of the params file's inspect.prompts (repeatable)",
             )
+        if name == "train":
+            stage.add_argument(
+                "--fresh",
+                action="store_true",
+                help="start a new run even if models/<example>/checkpoints/latest.pt holds an interrupted one",
+            )
     compare = commands.add_parser(
         "compare",
         help="table of the MLflow runs, best validation loss first",
@@ -95,7 +101,7 @@ def run_stage(args) -> None:
     if args.command == "prepare":
         commands.prepare_example(params, paths)
     elif args.command == "train":
-        commands.train_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
+        commands.train_example(params, paths, Tracker.for_project(), not args.no_progress, args.fresh)
     elif args.command == "tune":
         from pipeline.tuning import tune_example
 
@@ -135,4 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT/SIGTERM turned into Stopped: 128 + the signal, as a shell says
+        print(f"error: {e or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     return 0

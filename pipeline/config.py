@@ -18,9 +18,11 @@ from pipeline.errors import PipelineError
 from pipeline.model import STRICT, ModelConfig
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy accepts
+UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass(config=STRICT)
@@ -29,8 +31,13 @@ class WordsData:
 
     kind: Literal["words"]
     val_fraction: Fraction
-    seed: int
-    repeats: PositiveInt  # shuffled passes over the training words in the token stream
+    seed: Seed
+    repeats: Annotated[int, Field(ge=1, le=10_000)]  # shuffled passes over the training words in the token stream
+    alphabet: Annotated[str, Field(min_length=1, pattern=r"^\S+$")] = UPPERCASE  # the letters a word may have
+
+    def __post_init__(self):
+        if len(set(self.alphabet)) != len(self.alphabet):
+            raise ValueError(f"alphabet {self.alphabet!r} repeats a character")
 
 
 @dataclass(config=STRICT)
@@ -50,16 +57,16 @@ class TrainParams:
     precision: Literal["auto", "float32", "bfloat16"]  # auto: bf16 autocast on CUDA only
     max_steps: PositiveInt
     batch_size: PositiveInt
-    learning_rate: PositiveFloat
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # AdamW steps are about this size
     min_lr: NonNegativeFloat
     warmup_steps: NonNegativeInt
-    weight_decay: NonNegativeFloat
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     beta1: Beta
     beta2: Beta
     grad_clip: NonNegativeFloat  # 0 turns clipping off
-    eval_interval: PositiveInt
+    eval_interval: PositiveInt  # also how often the latest checkpoint is saved
     eval_batches: PositiveInt
-    seed: int
+    seed: Seed
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
 
@@ -74,7 +81,7 @@ class TrainParams:
 class WordEvalParams:
     samples: PositiveInt  # words sampled to measure how many are real
     temperature: PositiveFloat
-    seed: int
+    seed: Seed
 
 
 @dataclass(config=STRICT)
@@ -90,7 +97,7 @@ class SampleParams:
     max_new_tokens: PositiveInt
     temperature: NonNegativeFloat  # 0 is greedy
     top_k: NonNegativeInt | None  # 0 or null: no top-k cut
-    seed: int
+    seed: Seed
 
 
 @dataclass(config=STRICT)
@@ -232,6 +239,8 @@ class ExampleParams:
     def __post_init__(self):
         if self.data.kind == "words" and self.evaluate.words is None:
             raise ValueError("evaluate.words is required for a word-list example")
+        if self.data.kind != "words" and self.evaluate.words is not None:
+            raise ValueError("evaluate.words is only for a word-list example (data.kind: words)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +277,21 @@ class ExamplePaths:
     @property
     def checkpoint(self) -> Path:
         return self.model_dir / "ckpt.pt"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Not a DVC output, so DVC does not delete it before re-running the train stage (git ignores it)."""
+        return self.model_dir / "checkpoints"
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        """Saved after every evaluation and on SIGINT/SIGTERM: what an interrupted run resumes from."""
+        return self.checkpoints / "latest.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """The weights with the lowest validation loss so far."""
+        return self.checkpoints / "best.pt"
 
     @property
     def run_info(self) -> Path:
@@ -362,9 +386,14 @@ def _describe(error: dict) -> str:
 def parse_override(text: str) -> tuple[list[str], object]:
     """`toy.train.max_steps=100` -> (['toy', 'train', 'max_steps'], 100), values read as YAML."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    keys = key.split(".")
+    if not sep or not all(keys):
         raise PipelineError(f"override '{text}' must look like key.path=value")
-    return key.split("."), yaml.safe_load(value)
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"override '{text}': the value is not valid YAML ({reason})") from None
 
 
 def read_overrides_file(path: Path) -> list[str]:
@@ -379,6 +408,11 @@ def read_overrides_file(path: Path) -> list[str]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
+        if keys[0] not in raw:
+            raise PipelineError(
+                f"override '{text}': unknown example '{keys[0]}'{did_you_mean(keys[0], raw)}; "
+                f"the params file defines: {', '.join(map(str, raw))}"
+            )
         node = raw
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -388,9 +422,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one section is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_params_file(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist") from None
     except yaml.YAMLError as e:

@@ -1,7 +1,9 @@
 """Character vocabularies, the train/validation split, token files and training batches.
 
 Prepared data is three files: `train.bin` and `val.bin` (raw little-endian uint16 tokens) and
-`meta.json` (vocabulary, sizes, source hash, and for a word list the words of each split).
+`meta.json` (vocabulary, sizes, hashes of the source and of both token files, and for a word
+list the words of each split). `meta.json` is written last and names the token files' hashes, so
+a prepare killed halfway is caught when the data is loaded.
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ from pipeline.files import read_json, write_bytes, write_json
 
 BOUNDARY = " "  # separates the words of a word list; a word starts and ends with it
 TOKEN_DTYPE = np.dtype("<u2")
+MAX_VOCAB = np.iinfo(TOKEN_DTYPE).max + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +114,50 @@ def split_text(text: str, params: TextData) -> tuple[str, str]:
 def read_input(path: Path) -> str:
     if not path.exists():
         raise PipelineError(f"input file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"input file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise PipelineError(f"cannot read input file {path}: {e.strerror or e}") from None
     if not text.strip():
         raise PipelineError(f"input file {path} is empty")
     return text
+
+
+def read_words(path: Path, text: str, alphabet: str) -> list[str]:
+    """The words of a word list, each checked to use only `alphabet`; every bad word is named."""
+    allowed, bad = set(alphabet), []
+    for number, line in enumerate(text.splitlines(), 1):
+        bad += [(number, word) for word in line.split() if not set(word) <= allowed]
+    if bad:
+        shown = "; ".join(f"line {n} {w!r} has {', '.join(map(repr, sorted(set(w) - allowed)))}" for n, w in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise PipelineError(
+            f"{path}: {len(bad)} word{'s' * (len(bad) > 1)} with characters outside data.alphabet "
+            f"{alphabet!r}: {shown}{more}"
+        )
+    words = text.split()
+    if len(set(words)) < 2:
+        raise PipelineError(f"{path} has {len(set(words))} distinct word(s): 2 or more are needed to hold some out")
+    return words
+
+
+def check_splits(path: Path, train_tokens: int, val_tokens: int) -> None:
+    for name, count in (("train", train_tokens), ("validation", val_tokens)):
+        if count < 2:
+            raise PipelineError(
+                f"{path}: the {name} split has {count} token(s), too few to predict anything; "
+                "add text or change data.val_fraction"
+            )
+
+
+def check_vocab_fits(path: Path, vocab: Vocabulary) -> None:
+    if vocab.size > MAX_VOCAB:
+        raise PipelineError(
+            f"{path} has {vocab.size:,} distinct characters, more than the {MAX_VOCAB:,} that "
+            f"{TOKEN_DTYPE.name} tokens can number"
+        )
 
 
 def prepare(params: WordsData | TextData, paths: ExamplePaths) -> dict:
@@ -122,7 +165,7 @@ def prepare(params: WordsData | TextData, paths: ExamplePaths) -> dict:
     raw = read_input(paths.input)
     meta = {"example": paths.example, "kind": params.kind}
     if isinstance(params, WordsData):
-        words = raw.split()
+        words = read_words(paths.input, raw, params.alphabet)
         train_words, val_words, train_text, val_text = split_words(words, params)
         vocab = Vocabulary.from_text("".join(words) + BOUNDARY)
         meta["words"] = {"train": train_words, "val": val_words}
@@ -130,36 +173,51 @@ def prepare(params: WordsData | TextData, paths: ExamplePaths) -> dict:
     else:
         train_text, val_text = split_text(raw, params)
         vocab = Vocabulary.from_text(raw)
-    train, val = (np.array(vocab.encode(t), dtype=TOKEN_DTYPE) for t in (train_text, val_text))
+    check_vocab_fits(paths.input, vocab)
+    check_splits(paths.input, len(train_text), len(val_text))
+    train, val = (np.array(vocab.encode(t), dtype=TOKEN_DTYPE).tobytes() for t in (train_text, val_text))
     meta |= {
         "vocab": list(vocab.chars),
         "vocab_size": vocab.size,
         "dtype": TOKEN_DTYPE.str,
-        "train_tokens": len(train),
-        "val_tokens": len(val),
+        "train_tokens": len(train_text),
+        "val_tokens": len(val_text),
         "source": {"path": f"data/{paths.example}/input.txt", "sha256": hashlib.sha256(raw.encode()).hexdigest()},
+        "sha256": {"train": hashlib.sha256(train).hexdigest(), "val": hashlib.sha256(val).hexdigest()},
     }
-    write_bytes(paths.train_tokens, train.tobytes())
-    write_bytes(paths.val_tokens, val.tobytes())
-    write_json(paths.meta, meta)
+    write_bytes(paths.train_tokens, train)
+    write_bytes(paths.val_tokens, val)
+    write_json(paths.meta, meta)  # last: a prepare killed before this leaves the old meta, which names the old files
     return meta
 
 
-def _read_tokens(path: Path, expected: int) -> torch.Tensor:
+def _read_tokens(path: Path, expected: int, sha256: str | None, vocab_size: int) -> torch.Tensor:
     if not path.exists():
         raise PipelineError(f"{path} does not exist: run the prepare stage first")
-    tokens = np.fromfile(path, dtype=TOKEN_DTYPE)
-    if len(tokens) != expected:
-        raise PipelineError(f"{path} holds {len(tokens)} tokens but meta.json says {expected}: prepare again")
+    raw = path.read_bytes()
+    if len(raw) != expected * TOKEN_DTYPE.itemsize:
+        raise PipelineError(
+            f"{path} holds {len(raw) / TOKEN_DTYPE.itemsize:g} tokens but meta.json says {expected}: prepare again"
+        )
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise PipelineError(f"{path} is not the file meta.json describes (another prepare wrote it): prepare again")
+    tokens = np.frombuffer(raw, dtype=TOKEN_DTYPE)
+    if len(tokens) and tokens.max() >= vocab_size:
+        raise PipelineError(f"{path} has token {tokens.max()}, beyond the {vocab_size} characters of meta.json")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
 def load_dataset(paths: ExamplePaths) -> Dataset:
     meta = read_json(paths.meta)
+    missing = {"kind", "vocab", "train_tokens", "val_tokens"} - set(meta if isinstance(meta, dict) else {})
+    if missing:
+        raise PipelineError(f"{paths.meta} lacks {', '.join(sorted(missing))}: prepare again")
+    vocab = Vocabulary(tuple(meta["vocab"]))
+    hashes = meta.get("sha256", {})
     return Dataset(
-        vocab=Vocabulary(tuple(meta["vocab"])),
-        train=_read_tokens(paths.train_tokens, meta["train_tokens"]),
-        val=_read_tokens(paths.val_tokens, meta["val_tokens"]),
+        vocab=vocab,
+        train=_read_tokens(paths.train_tokens, meta["train_tokens"], hashes.get("train"), vocab.size),
+        val=_read_tokens(paths.val_tokens, meta["val_tokens"], hashes.get("val"), vocab.size),
         meta=meta,
     )
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -14,20 +15,58 @@ import torch
 from pipeline.errors import PipelineError
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0o022)  # the only way to read it; set back at once, at import time
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
+    """Write through a temporary file in the same folder, then rename it into place.
+
+    A full disk or an unwritable folder is a PipelineError naming the file; the old file stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the result should look like any other file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_folder(path.parent)  # make the rename itself survive a power cut
+    except OSError as e:
+        raise PipelineError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if `folder` cannot take new files: read-only, not a folder, disk full."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise PipelineError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -63,8 +102,14 @@ def load_torch(path: Path, device: torch.device | str = "cpu"):
         raise PipelineError(f"{path} does not exist: run the train stage first")
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never
+        raise PipelineError(
+            f"{path} is not a readable checkpoint (UnpicklingError): it is torn, or holds more than tensors and "
+            "plain values, which is never loaded"
+        ) from None
     except Exception as e:  # torch raises many types for a torn or foreign file
-        raise PipelineError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        detail = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+        raise PipelineError(f"{path} is not a readable checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def write_folder(path: Path, files: dict[str, bytes]) -> None:

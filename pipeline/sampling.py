@@ -10,12 +10,17 @@ from pipeline.errors import PipelineError
 from pipeline.model import GPT
 
 
-def check_prompts(vocab: Vocabulary, prompts: list[str]) -> None:
-    """Fail before any sampling if any prompt has a character the model has never seen."""
+def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False) -> None:
+    """Fail before any sampling if any prompt has a character the model has never seen.
+
+    For a word list a prompt is the start of one word, so it cannot hold the word boundary.
+    """
     bad = {prompt: vocab.unknown(prompt) for prompt in prompts if vocab.unknown(prompt)}
     if bad:
         details = "; ".join(f"{p!r} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
         raise PipelineError(f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}")
+    if word_list and (split := [p for p in prompts if BOUNDARY in p]):
+        raise PipelineError(f"a word-list prompt is the start of one word, without {BOUNDARY!r}: {split}")
 
 
 def _context(vocab: Vocabulary, text: str, copies: int, device) -> torch.Tensor:

@@ -8,9 +8,15 @@ workspace's store and artifact folder rather than into the copy.
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import os
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -23,6 +29,7 @@ from pipeline.files import read_json, write_json
 from pipeline.training import EvalRecord, StepRecord
 
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
+SERVER_TIMEOUT = 5  # seconds to wait for a tracking server to answer before giving up
 
 
 def project_root() -> Path:
@@ -69,6 +76,38 @@ def run_tags(example: str, device: torch.device) -> dict[str, str]:
     return tags
 
 
+def check_server(uri: str) -> None:
+    """Fail within seconds if an HTTP tracking server does not answer.
+
+    MLflow's own client retries for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which is right for
+    a server that drops a request now and then, not for one that is not there at all.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # it answered, if only to say no: the server is there
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
+            "to log into the project's sqlite:///mlflow.db"
+        ) from None
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    """An exclusive lock between processes, for as long as the block runs."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"char-gpt-{digest}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _metrics(values: dict[str, float], step: int) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, step) for key, value in values.items()]
@@ -86,7 +125,11 @@ class Tracker:
     def for_project(cls, root: Path | None = None) -> "Tracker":
         root = root or project_root()
         uri = tracking_uri(root)
-        return cls(MlflowClient(tracking_uri=uri), uri, root)
+        check_server(uri)
+        # A new client creates a new store's tables, unguarded: two processes at once would collide
+        with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
+            client = MlflowClient(tracking_uri=uri)
+        return cls(client, uri, root)
 
     def experiment_id(self, name: str) -> str:
         if experiment := self.client.get_experiment_by_name(name):
@@ -110,7 +153,7 @@ class Tracker:
 
     @contextlib.contextmanager
     def active(self, run_id: str, clean_exits: tuple[type[BaseException], ...] = ()):
-        """Mark the run RUNNING while the block runs, then FINISHED, FAILED or KILLED.
+        """Mark the run RUNNING while the block runs, then FINISHED, FAILED or KILLED (SIGINT, SIGTERM).
 
         `clean_exits` are exceptions that end the run as FINISHED (a pruned sweep trial, say).
         """
@@ -121,12 +164,30 @@ class Tracker:
             self.client.set_terminated(run_id, "FINISHED")
             raise
         except KeyboardInterrupt:
-            self.client.set_terminated(run_id, "KILLED")
+            self._terminate(run_id, "KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+            self._terminate(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        """Set the status of a run that is stopping anyway: a failure here must not hide the first."""
+        try:
+            self.client.set_terminated(run_id, status)
+        except Exception as e:
+            print(f"warning: could not mark MLflow run {run_id} {status} in {self.uri}: {e}", file=sys.stderr)
+
+    def run_status(self, run_id: str) -> str | None:
+        """The run's status, or None when this store has no such run."""
+        try:
+            return self.client.get_run(run_id).info.status
+        except MlflowException:
+            return None
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step logged for `key` in the run (0 if none)."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
         metrics = _metrics(values, step)
@@ -164,15 +225,19 @@ def load_run_id(path: Path, tracker: Tracker) -> str:
 class TrainingLogger:
     """Buffers per-step metrics and sends them in batches at every evaluation."""
 
-    def __init__(self, tracker: Tracker, run_id: str):
-        self.tracker, self.run_id, self.pending = tracker, run_id, []
+    def __init__(self, tracker: Tracker, run_id: str, logged_through: int = 0):
+        """`logged_through`: a resumed run's last step already in MLflow, which is not logged twice."""
+        self.tracker, self.run_id, self.pending, self.logged_through = tracker, run_id, [], logged_through
 
     def on_step(self, record: StepRecord) -> None:
+        if record.step <= self.logged_through:
+            return
         values = {"train_loss": record.train_loss, "lr": record.lr, "tokens_per_sec": record.tokens_per_sec}
         self.pending += _metrics(values, record.step)
 
     def on_eval(self, record: EvalRecord) -> None:
-        self.pending += _metrics({"val_loss": record.val_loss, "train_loss_eval": record.train_loss}, record.step)
+        if record.step > self.logged_through:
+            self.pending += _metrics({"val_loss": record.val_loss, "train_loss_eval": record.train_loss}, record.step)
         self.flush()
 
     def flush(self) -> None:

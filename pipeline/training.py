@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainParams
 from pipeline.data import Dataset, random_batch
-from pipeline.errors import PipelineError
+from pipeline.errors import Diverged, PipelineError
 from pipeline.model import GPT
 
 
@@ -31,6 +31,22 @@ class EvalRecord:
     step: int
     train_loss: float
     val_loss: float
+
+
+@dataclasses.dataclass
+class TrainState:
+    """How far a run got: with the model's weights, all that is needed to continue it exactly.
+
+    It refers to the live optimizer tensors: save it before the next step changes them.
+    """
+
+    step: int
+    optimizer: dict
+    sampler: torch.Tensor  # state of the generator that draws the training batches
+    rng: dict  # the global torch, numpy and Python RNG states; dropout draws from torch's
+    history: list[StepRecord]
+    evals: list[EvalRecord]
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -141,6 +157,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global RNG states as tensors and plain values, which `torch.load(weights_only=True)` reads."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy_state,
+        "python": {"version": version, "state": list(internal), "gauss": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def learning_rate_at(step: int, params: TrainParams) -> float:
     """Linear warm-up to `learning_rate`, then cosine decay to `min_lr` at `max_steps`."""
     if step < params.warmup_steps:
@@ -196,17 +237,24 @@ def train(
     on_step: Callable[[StepRecord], None] | None = None,
     on_eval: Callable[[EvalRecord], None] | None = None,
     progress: bool = True,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState, bool], None] | None = None,
+    stop: Callable[[], BaseException | None] | None = None,
 ) -> TrainResult:
     """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
 
     `on_eval` sees every evaluation (a sweep reports it to its pruner and may raise to stop).
+    `on_checkpoint(state, best)` comes before the first step and after every evaluation (`best`:
+    the lowest validation loss so far). `resume` continues a run from its saved state, the model
+    holding that state's weights, exactly as if it had never stopped. `stop` is asked between
+    steps; when it returns an exception, the state is checkpointed and the exception raised.
     """
     compiled_on_cpu = device.type == "cpu" and uses_compile(device, params.compile)
     with cpu_threads(params.threads), deterministic(compiled_on_cpu):
-        return _train(model, dataset, params, device, on_step, on_eval, progress)
+        return _train(model, dataset, params, device, on_step, on_eval, progress, resume, on_checkpoint, stop)
 
 
-def _train(model, dataset, params, device, on_step, on_eval, progress) -> TrainResult:
+def _train(model, dataset, params, device, on_step, on_eval, progress, resume, on_checkpoint, stop) -> TrainResult:
     seed_everything(params.seed)
     setup_device(device)
     block_size = model.config.block_size
@@ -217,20 +265,45 @@ def _train(model, dataset, params, device, on_step, on_eval, progress) -> TrainR
     generator = torch.Generator().manual_seed(params.seed)
     eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
     train_starts = dataset.window_starts("train", block_size)
-    history, evals = [], []
-    started = time.perf_counter()
+    history, evals, start = [], [], 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.sampler)
+        set_rng_state(resume.rng)
+        history, evals, start = list(resume.history), list(resume.evals), resume.step
+    started = time.perf_counter() - (resume.seconds if resume else 0.0)
+
+    def checkpoint(step: int, best: bool) -> None:
+        if on_checkpoint:
+            seconds = time.perf_counter() - started
+            on_checkpoint(
+                TrainState(step, optimizer.state_dict(), generator.get_state(), rng_state(), history, evals, seconds),
+                best,
+            )
 
     def evaluate(step: int) -> None:
         train_loss, val_loss = (mean_loss(model, batches, device, params.precision) for batches in eval_sets)
+        if not math.isfinite(val_loss):
+            raise Diverged(f"training diverged: validation loss is {val_loss} at step {step}", step)
+        best = not evals or val_loss < min(e.val_loss for e in evals)
         evals.append(EvalRecord(step, train_loss, val_loss))
         if progress:
             tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if on_eval:
             on_eval(evals[-1])
+        checkpoint(step, best)
 
     # disable=None: a bar on a terminal, none in a log file
-    bar = tqdm(range(1, params.max_steps + 1), desc="train", unit="step", disable=None if progress else True)
+    steps = range(start + 1, params.max_steps + 1)
+    bar = tqdm(
+        steps, initial=start, total=params.max_steps, desc="train", unit="step", disable=None if progress else True
+    )
+    if start == 0:
+        checkpoint(0, best=False)  # from the first step on, a killed run has a checkpoint to resume from
     for step in bar:
+        if stop and (reason := stop()) is not None:
+            checkpoint(step - 1, best=False)
+            raise reason
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)
         for group in optimizer.param_groups:
@@ -240,7 +313,7 @@ def _train(model, dataset, params, device, on_step, on_eval, progress) -> TrainR
             _, loss = forward(to_device(x, device), to_device(y, device))
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # stop before the update, so the weights stay finite
-            raise PipelineError(f"training diverged: loss is {loss_value} at step {step}")
+            raise Diverged(f"training diverged: loss is {loss_value} at step {step}", step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip > 0:

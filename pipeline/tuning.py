@@ -33,6 +33,7 @@ from pipeline.config import SPACE_LIMITS, ExampleParams, ExamplePaths, FloatRang
 from pipeline.data import Dataset, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.files import write_json, write_text
+from pipeline.interrupts import stop_on_signals
 from pipeline.plots import save_study_plots
 from pipeline.tracking import Tracker, TrainingLogger, flatten, register_model, run_tags
 from pipeline.training import pick_device, train
@@ -571,7 +572,7 @@ def tune_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, p
         f"{paths.example}: study '{sweep.study_name}' in {safe_url(sweep.storage_url)}: {queued} trial(s) queued "
         f"to reach {params.tune.trials}, {params.tune.workers} worker(s); MLflow parent run {sweep.parent_run_id}"
     )
-    with tracker.active(sweep.parent_run_id):
+    with stop_on_signals(at_once=True), tracker.active(sweep.parent_run_id):
         run_workers(sweep, params.tune.workers, progress)
         summary = summarize(study)
         files = save_sweep_outputs(study, summary, params, paths)

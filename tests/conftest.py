@@ -3,6 +3,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,10 +67,21 @@ def toy(project):
     return params, paths, load_dataset(paths)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: copying it saves each test the seconds of migrations."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracker(tmp_path):
+def tracker(tmp_path, empty_store):
     from pipeline.tracking import Tracker
 
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     return Tracker.for_project(tmp_path)
 
 
@@ -125,3 +137,48 @@ def trained_project(tmp_path_factory):
         commands.train_example(params, paths, tracker, progress=False)
         commands.evaluate_example(params, paths, tracker)
     return root, tracker
+
+
+# Real processes: `python -m pipeline ...` run in a project folder, as a user or DVC would.
+RESUMABLE = TINY["toy"] + ["toy.train.max_steps=120", "toy.model.dropout=0.1"]  # dropout: the RNG state matters
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of a CLI subprocess: this checkout's code, one thread (the same in every run)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    return env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def cli(command: str, *overrides: str, flags: tuple = ()) -> list[str]:
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    params = ["--example", "toy", "--params", str(ROOT / "params.yaml")]
+    return [sys.executable, "-m", "pipeline", command, *params, *sets, *flags]
+
+
+def run_cli(project: Path, command: str, *overrides: str, flags: tuple = (), env: dict | None = None, **kwargs):
+    command_line = cli(command, *overrides, flags=flags)
+    return subprocess.run(command_line, cwd=project, env=env or cli_env(), capture_output=True, text=True, **kwargs)
+
+
+def prepared_project(root: Path, store: Path | None, overrides=RESUMABLE) -> Path:
+    """`root` with the toy example's input prepared with `overrides`, and a copy of `store` if given."""
+    (root / "data" / "toy").mkdir(parents=True)
+    if store:
+        shutil.copy(store, root / "mlflow.db")
+    shutil.copy(ROOT / "data" / "toy" / "input.txt", root / "data" / "toy" / "input.txt")
+    params = load_params(ROOT / "params.yaml", list(overrides))["toy"]
+    prepare(params.data, ExamplePaths(root, "toy"))
+    return root
+
+
+def weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.commands import build_model
+from pipeline.checkpoint import TrainingCheckpoints, load_checkpoint, load_resume_point, save_checkpoint
+from pipeline.commands import build_model, evaluate_example, train_example
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
-from pipeline.training import make_optimizer
+from pipeline.tracking import save_run_info
+from pipeline.training import TrainState, make_optimizer
 
 from .conftest import tiny_params
 
@@ -49,3 +50,80 @@ def test_a_checkpoint_of_another_shape_is_named(saved):
 def test_a_missing_checkpoint_says_what_to_run(tmp_path):
     with pytest.raises(PipelineError, match="run the train stage first"):
         load_checkpoint(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 64, 1000, 0.5, -1])
+def test_a_checkpoint_cut_anywhere_is_named_never_a_torch_traceback(saved, cut):
+    path, _, _ = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    with pytest.raises(PipelineError, match=f"{path} is not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_random_bytes_a_bare_tensor_or_a_foreign_dict_are_named(saved):
+    path, _, _ = saved
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(PipelineError, match=f"{path} is not a readable checkpoint"):
+        load_checkpoint(path)
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(PipelineError, match=f"{path} is not a checkpoint of this project: it holds a Tensor"):
+        load_checkpoint(path)
+    torch.save({"model": {}, "step": 3}, path)
+    with pytest.raises(PipelineError, match="it lacks best_val_loss, model_config, optimizer, vocab"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_that_pickles_code_is_refused(saved):
+    path, _, _ = saved
+    torch.save({"model": Vocabulary(("a",))}, path)  # a class instance: weights_only=True will not build it
+    with pytest.raises(PipelineError, match=f"{path} is not a readable checkpoint.*Unpickl"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_for_another_vocabulary_is_named(saved):
+    path, _, _ = saved
+    state = torch.load(path, weights_only=True)
+    state["vocab"] = state["vocab"][:-1]
+    torch.save(state, path)
+    with pytest.raises(PipelineError, match=f"{path}: vocabulary of 9 characters, model of 10"):
+        load_checkpoint(path)
+
+
+def test_evaluating_a_checkpoint_of_another_vocabulary_is_refused(toy, tracker, capsys):
+    params, paths, dataset = toy
+    run_id = tracker.start_run("toy", "toy", {}, {})
+    save_run_info(paths.run_info, tracker, run_id)
+    other = Vocabulary(tuple(dataset.vocab.chars[:-1]) + ("z",))
+    model = build_model(params, other.size)
+    save_checkpoint(paths.checkpoint, model, make_optimizer(model, params.train, torch.device("cpu")), other, 5, 2.0)
+    with pytest.raises(PipelineError, match="was trained on another vocabulary than .*meta.json: train again"):
+        evaluate_example(params, paths, tracker)
+    assert not paths.metrics.exists()
+
+
+def test_latest_checkpoint_round_trip_and_a_corrupt_one_says_how_to_go_on(toy, tmp_path):
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size)
+    saved = TrainingCheckpoints(tmp_path / "latest.pt", tmp_path / "best.pt", model, dataset.vocab, "fp", "run-1")
+    assert load_resume_point(tmp_path / "latest.pt") is None
+    state = TrainState(7, {"state": {}, "param_groups": []}, torch.Generator().get_state(), {}, [], [], 1.5)
+    saved.save(state, best=True)
+    point = load_resume_point(tmp_path / "latest.pt")
+    assert (point.state.step, point.fingerprint, point.run_id, point.finished) == (7, "fp", "run-1", False)
+    assert load_checkpoint(tmp_path / "best.pt").step == 7  # best.pt is a checkpoint evaluate could use
+    saved.mark_finished()
+    assert load_resume_point(tmp_path / "latest.pt").finished
+    (tmp_path / "latest.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(PipelineError, match="cannot resume from .*latest.pt: .*delete it, or train with --fresh"):
+        load_resume_point(tmp_path / "latest.pt")
+
+
+def test_a_corrupt_latest_checkpoint_stops_training_before_a_run_starts(toy, tracker):
+    params, paths, _ = toy
+    paths.latest_checkpoint.parent.mkdir(parents=True)
+    paths.latest_checkpoint.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(PipelineError, match="cannot resume from .*latest.pt"):
+        train_example(params, paths, tracker, progress=False)
+    assert tracker.client.search_experiments(filter_string="name = 'toy'") == []
+    assert not paths.checkpoint.exists()

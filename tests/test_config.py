@@ -1,6 +1,11 @@
-import pytest
+from pathlib import Path
 
-from pipeline.config import apply_overrides, example_params, load_params, read_overrides_file
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.cli import main
+from pipeline.config import apply_overrides, example_params, load_params, parse_override, read_overrides_file
 from pipeline.errors import PipelineError
 
 from .conftest import ROOT
@@ -95,3 +100,95 @@ def test_an_overrides_file_skips_comments_and_blank_lines(tmp_path):
     assert read_overrides_file(path) == ["toy.train.max_steps=7"]
     with pytest.raises(PipelineError, match="does not exist"):
         read_overrides_file(tmp_path / "missing.txt")
+
+
+# Each bad override or params file: exit status 2, one message naming the problem, nothing written.
+BAD_OVERRIDES = [
+    ("toy.train.lerning_rate=0.1", "toy.train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
+    ("toy.trian.max_steps=3", "toy.trian: unknown key (did you mean 'train'?)"),
+    ("tooy.train.max_steps=3", "unknown example 'tooy' (did you mean 'toy'?)"),
+    ("toy.train.max_steps=0", "toy.train.max_steps: Input should be greater than 0 (got 0)"),
+    ("toy.train.max_steps=many", "toy.train.max_steps: Input should be a valid integer"),
+    ("toy.train.learning_rate=5", "toy.train.learning_rate: Input should be less than or equal to 1 (got 5)"),
+    ("toy.train.learning_rate=.nan", "toy.train.learning_rate: Input should be a finite number"),
+    ("toy.train.grad_clip=.inf", "toy.train.grad_clip: Input should be a finite number"),
+    ("toy.train.weight_decay=-0.1", "toy.train.weight_decay: Input should be greater than or equal to 0"),
+    ("toy.train.beta2=1", "toy.train.beta2: Input should be less than 1"),
+    ("toy.train.seed=-1", "toy.train.seed: Input should be greater than or equal to 0"),
+    ("toy.data.seed=4294967296", "toy.data.seed: Input should be less than 4294967296"),
+    ("toy.train.warmup_steps=5000", "toy.train: warmup_steps (5000) must not exceed max_steps (1200)"),
+    ("toy.train.eval_interval=0", "toy.train.eval_interval: Input should be greater than 0"),
+    ("toy.train.device=gpu", "toy.train.device: String should match pattern"),
+    ("toy.model.n_head=0", "toy.model.n_head: Input should be greater than 0"),
+    ("toy.model.n_embd=30", "toy.model: n_embd (30) must be divisible by n_head (4)"),
+    ("toy.model.dropout=-0.1", "toy.model.dropout: Input should be greater than or equal to 0"),
+    ("toy.model.bias=maybe", "toy.model.bias: Input should be a valid boolean"),
+    ("toy.data.val_fraction=0", "toy.data.val_fraction: Input should be greater than 0"),
+    ("toy.data.kind=csv", "toy.data: Input tag 'csv' found using 'kind' does not match"),
+    ("toy.data.alphabet=AB C", "toy.data.alphabet: String should match pattern"),
+    ("toy.data.alphabet=ABCA", "toy.data: alphabet 'ABCA' repeats a character"),
+    ("toy.data.repeats=0", "toy.data.repeats: Input should be greater than or equal to 1"),
+    ("toy.sample.prompts=[]", "toy.sample.prompts: List should have at least 1 item"),
+    ("toy.sample.prompts=['']", "toy.sample.prompts.0: String should have at least 1 character"),
+    ("toy.sample.prompts=COR", "toy.sample.prompts: Input should be a valid list"),
+    ("toy.sample.top_k=-3", "toy.sample.top_k: Input should be greater than or equal to 0"),
+    ("toy.sample.temperature=-1", "toy.sample.temperature: Input should be greater than or equal to 0"),
+    ("toy.evaluate.batch_size=0", "toy.evaluate.batch_size: Input should be greater than 0"),
+    ("toy.evaluate.words=null", "toy: evaluate.words is required for a word-list example"),
+    (
+        "shakespeare.evaluate.words={samples: 10, temperature: 1.0, seed: 1}",
+        "shakespeare: evaluate.words is only for a word-list example",
+    ),
+    ("toy.train=5", "toy.train: Input should be a dictionary"),
+    ("toy.sample.prompts=[CO", "override 'toy.sample.prompts=[CO': the value is not valid YAML"),
+    ("toy.train.max_steps", "override 'toy.train.max_steps' must look like key.path=value"),
+    ("toy..max_steps=3", "must look like key.path=value"),
+    ("toy.train.max_steps.x=1", "override 'toy.train.max_steps.x=1': 'max_steps' is not a section"),
+]
+
+DEFAULT = (ROOT / "params.yaml").read_text()
+BAD_FILES = [
+    ("toy: [unclosed", "is not valid YAML"),
+    ("", "must map example names to their parameters"),
+    ("toy: 5\n", "toy: Input should be a dictionary"),
+    (DEFAULT.replace("    grad_clip: 1.0\n", "", 1), "toy.train.grad_clip: missing key"),
+    (DEFAULT.replace("    max_steps: 2000\n", "    max_steps: 2000\n    max_steps: 200\n", 1), "appears twice"),
+    (DEFAULT.replace("  model:\n", "  modle:\n", 1), "toy.modle: unknown key (did you mean 'model'?)"),
+    (DEFAULT.replace("batch_size: 128", "batch_size: -1").replace("n_layer: 4", "n_layer: 0"), "has 2 problems"),
+    (DEFAULT.replace("kind: text", "kind: words", 1), "shakespeare.data.seed: missing key"),
+]
+
+
+def files_under(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("override, message", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_a_bad_override_stops_every_command_before_it_writes(override, message, project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    before = files_under(project)
+    for command in ("prepare", "train"):
+        code = main([command, "--example", "toy", "--params", str(ROOT / "params.yaml"), "--set", override])
+        assert code == 2 and message in capsys.readouterr().err
+    assert files_under(project) == before
+
+
+@pytest.mark.parametrize("content, message", BAD_FILES, ids=[m for _, m in BAD_FILES])
+def test_a_bad_params_file_stops_before_anything_is_written(content, message, project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    (project / "params.yaml").write_text(content)
+    before = files_under(project)
+    assert main(["train", "--example", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert files_under(project) == before
+
+
+@given(st.text(max_size=40))
+def test_any_override_text_is_parsed_or_refused_with_a_pipeline_error(text):
+    try:
+        keys, _ = parse_override(text)
+    except PipelineError as e:
+        assert "override" in str(e)
+    else:
+        assert all(keys) and "=" in text

@@ -3,7 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from pipeline.commands import train_example
 from pipeline.config import ExamplePaths, TextData, WordsData
 from pipeline.data import BOUNDARY, Vocabulary, load_dataset, prepare, random_batch, split_text, split_words
 from pipeline.errors import PipelineError
@@ -105,3 +108,106 @@ def test_word_list_windows_start_at_a_boundary(toy):
 def test_a_split_shorter_than_a_block_is_refused():
     with pytest.raises(PipelineError, match="too short"):
         random_batch(torch.arange(5), 2, 8, torch.Generator())
+
+
+def test_words_outside_the_alphabet_are_all_named_and_nothing_is_written(project):
+    paths = ExamplePaths(project, "toy")
+    paths.input.write_text("CAT DOG\nCOR cor\nTOT0 NET\n")
+    with pytest.raises(PipelineError) as error:
+        prepare(tiny_params("toy").data, paths)
+    message = str(error.value)
+    assert f"{paths.input}: 2 words with characters outside data.alphabet 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'" in message
+    assert "line 2 'cor' has 'c', 'o', 'r'" in message and "line 3 'TOT0' has '0'" in message
+    assert not paths.prepared.exists()
+
+
+def test_the_alphabet_is_a_parameter(project):
+    paths = ExamplePaths(project, "toy")
+    paths.input.write_text("cat dog cow\n")
+    meta = prepare(tiny_params("toy", "toy.data.alphabet=abcdefghijklmnopqrstuvwxyz").data, paths)
+    assert meta["vocab"] == [BOUNDARY, *"acdgotw"]
+
+
+def test_a_word_list_needs_two_different_words(project):
+    paths = ExamplePaths(project, "toy")
+    paths.input.write_text("CAT CAT\n")
+    with pytest.raises(PipelineError, match="has 1 distinct word"):
+        prepare(tiny_params("toy").data, paths)
+
+
+def test_a_vocabulary_too_large_for_uint16_tokens_is_refused(project):
+    paths = ExamplePaths(project, "shakespeare")
+    chars = [chr(c) for c in range(0x10000, 0x10000 + 70_000)]  # beyond the surrogates: all valid UTF-8
+    paths.input.write_text("".join(chars), encoding="utf-8")
+    with pytest.raises(PipelineError, match="has 70,000 distinct characters, more than the 65,536 that uint16 tokens"):
+        prepare(tiny_params("shakespeare").data, paths)
+    assert not paths.prepared.exists()
+
+
+def test_a_split_with_nothing_to_predict_is_refused(project):
+    paths = ExamplePaths(project, "shakespeare")
+    paths.input.write_text("To be, or not to be")
+    with pytest.raises(PipelineError, match="the validation split has 1 token"):
+        prepare(tiny_params("shakespeare", "shakespeare.data.val_fraction=0.05").data, paths)
+
+
+def test_input_that_is_not_utf8_is_named(project):
+    paths = ExamplePaths(project, "shakespeare")
+    paths.input.write_bytes("Caf\u00e9".encode("latin-1"))
+    with pytest.raises(PipelineError, match=f"input file {paths.input} is not UTF-8 text"):
+        prepare(tiny_params("shakespeare").data, paths)
+
+
+def test_token_files_from_another_prepare_are_caught(toy):
+    _, paths, dataset = toy
+    tokens = np.fromfile(paths.train_tokens, dtype="<u2")
+    tokens[[0, 1]] = tokens[[1, 0]] if tokens[0] != tokens[1] else tokens[[2, 0]]
+    tokens.tofile(paths.train_tokens)  # same length, other content: what a prepare killed halfway leaves
+    with pytest.raises(PipelineError, match="train.bin is not the file meta.json describes"):
+        load_dataset(paths)
+
+
+def test_a_token_beyond_the_vocabulary_and_a_meta_without_keys_are_named(toy):
+    _, paths, dataset = toy
+    meta = json.loads(paths.meta.read_text())
+    del meta["sha256"]  # an older meta.json, without the token files' hashes
+    paths.meta.write_text(json.dumps(meta))
+    tokens = np.fromfile(paths.val_tokens, dtype="<u2")
+    tokens[0] = 200
+    tokens.tofile(paths.val_tokens)
+    with pytest.raises(PipelineError, match="val.bin has token 200, beyond the 11 characters"):
+        load_dataset(paths)
+    paths.meta.write_text('{"kind": "words"}')
+    with pytest.raises(PipelineError, match="meta.json lacks train_tokens, val_tokens, vocab: prepare again"):
+        load_dataset(paths)
+
+
+def test_a_split_shorter_than_a_block_stops_training_before_a_run_starts(project, tracker):
+    paths = ExamplePaths(project, "shakespeare")
+    paths.input.write_text("To be, or not to be, that is the question. " * 4)
+    params = tiny_params("shakespeare")
+    prepare(params.data, paths)
+    with pytest.raises(PipelineError, match="the validation split has 18 tokens; model.block_size \\+ 1 = 33 needed"):
+        train_example(params, paths, tracker, progress=False)
+    assert not paths.model_dir.exists() and tracker.client.search_experiments(filter_string="name='shakespeare'") == []
+
+
+@given(st.text(min_size=1), st.data())
+def test_encode_then_decode_gives_back_any_text_over_the_vocabulary(alphabet, data):
+    vocab = Vocabulary.from_text(alphabet)
+    text = data.draw(st.text(alphabet=sorted(set(alphabet))))
+    ids = vocab.encode(text)
+    assert vocab.decode(ids) == text and all(0 <= i < vocab.size for i in ids)
+    assert vocab.size == len(set(alphabet)) and list(vocab.chars) == sorted(set(alphabet))
+
+
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1))
+def test_encoding_text_with_unknown_characters_names_each_one(alphabet, text):
+    vocab = Vocabulary.from_text(alphabet)
+    unknown = set(text) - set(alphabet)
+    if not unknown:
+        assert vocab.decode(vocab.encode(text)) == text
+        return
+    with pytest.raises(PipelineError) as error:
+        vocab.encode(text, "prompt")
+    assert all(repr(ch) in str(error.value) for ch in unknown)

@@ -1,5 +1,6 @@
 """The real pipeline: `dvc repro` and `dvc exp run` in a copy of the project, with tiny parameters."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pipeline.sampling import complete_word, make_generator
 from pipeline.tracking import Tracker
 from pipeline.training import train
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +175,48 @@ def test_plots_render(repo):
     for example in ("toy", "shakespeare"):
         assert f"models/{example}/reports/1-" in html and "-attention.png" in html and "-next-chars.png" in html
     assert "next-chars.txt" not in html
+
+
+def test_dvc_exp_run_set_goes_through_the_same_checks(repo):
+    """`dvc exp run -S` writes params.yaml; the stage reads it through the schema and stops before training."""
+    path, _ = repo
+    params_before, runs_before = (path / "params.yaml").read_text(), len(runs_table(Tracker.for_project(path)))
+    command = ["dvc", "exp", "run", "-S", "toy.train.max_steps=0", "-S", "toy.model.n_embd=30"]
+    try:
+        result = subprocess.run(command, cwd=path, env=env(), capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert "error: params.yaml has 2 problems" in output
+        assert "toy.train.max_steps: Input should be greater than 0 (got 0)" in output
+        assert "toy.model: n_embd (30) must be divisible by n_head (4)" in output
+        assert len(runs_table(Tracker.for_project(path))) == runs_before
+    finally:
+        (path / "params.yaml").write_text(params_before)
+        run(path, "dvc", "checkout", "--force")  # DVC removed the stage's outputs before running it
+
+
+def test_repro_after_a_killed_training_resumes_it(repo, tmp_path):
+    """DVC deletes a stage's outputs before re-running it, but not models/<ex>/checkpoints: the run goes on."""
+    path, _ = repo
+    run(path, "dvc", "repro", "train@toy")
+    shutil.copy(path / "models/toy/ckpt.pt", tmp_path / "uninterrupted.pt")
+    evals = (path / "models/toy/evals.csv").read_text()
+    train = [sys.executable, "-m", "pipeline", "train", "--example", "toy"]
+    pipes = {"stdout": subprocess.PIPE, "text": True}
+    process = subprocess.Popen(train, cwd=path, env=env() | {"PYTHONUNBUFFERED": "1"}, **pipes)
+    for line in process.stdout:
+        if line.startswith("step 20:"):
+            process.kill()
+            break
+    process.wait()
+    killed_run = json.loads((path / "models/toy/run.json").read_text())["run_id"]
+
+    output = run(path, "dvc", "repro", "--force", "train@toy")
+    assert "toy: resuming at step" in output
+    assert json.loads((path / "models/toy/run.json").read_text())["run_id"] == killed_run
+    assert same_weights(path / "models/toy/ckpt.pt", tmp_path / "uninterrupted.pt")
+    assert (path / "models/toy/evals.csv").read_text() == evals
+    assert Tracker.for_project(path).client.get_run(killed_run).info.status == "FINISHED"
 
 
 def test_toy_defaults_learn_the_words_and_complete_cor(project):

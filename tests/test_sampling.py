@@ -1,10 +1,21 @@
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.commands import build_model
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
-from pipeline.sampling import check_prompts, complete_word, make_generator, sample_report, sample_words
+from pipeline.sampling import (
+    check_prompts,
+    complete_word,
+    make_generator,
+    sample_report,
+    sample_texts,
+    sample_words,
+)
 
 from .conftest import tiny_params
 
@@ -40,3 +51,40 @@ def test_text_samples_are_seeded(project):
     first, second = (sample_report(model, vocab, params.sample, False, "cpu") for _ in range(2))
     assert first == second
     assert first.count("prompt 'ROMEO:'") == params.sample.num_samples
+
+
+VOCAB = Vocabulary.from_text(" ACELNORST")
+TINY_MODEL = build_model(tiny_params("toy"), VOCAB.size).eval()  # block_size 8: longer prompts are cropped
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=4))
+def test_any_prompts_are_accepted_or_refused_by_name_before_sampling(prompts):
+    bad = [p for p in prompts if set(p) - set(VOCAB.chars)]
+    if not bad:
+        check_prompts(VOCAB, prompts)
+        return
+    with pytest.raises(PipelineError) as error:
+        check_prompts(VOCAB, prompts)
+    assert all(repr(p) in str(error.value) for p in bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="ACELNORST ", min_size=1, max_size=30), st.integers(1, 6), st.integers(0, 2**31))
+def test_a_sample_starts_with_its_prompt_whatever_its_length(prompt, new_tokens, seed):
+    params = dataclasses.replace(tiny_params("toy").sample, num_samples=2, max_new_tokens=new_tokens)
+    texts = sample_texts(TINY_MODEL, VOCAB, prompt, params, make_generator(seed, "cpu"), "cpu")
+    assert all(t.startswith(prompt) and len(t) == len(prompt) + new_tokens for t in texts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="ACELNORST", min_size=1, max_size=12))
+def test_a_word_prefix_is_completed_to_one_word(prefix):
+    words = sample_words(TINY_MODEL, VOCAB, prefix, 3, 5, 1.0, None, make_generator(0, "cpu"), "cpu")
+    assert all(w.startswith(prefix) and " " not in w and len(w) <= len(prefix) + 5 for w in words)
+
+
+def test_a_word_list_prompt_with_a_space_is_refused():
+    with pytest.raises(PipelineError, match="start of one word, without ' ': \\['CO R'\\]"):
+        check_prompts(VOCAB, ["COR", "CO R"], word_list=True)
+    check_prompts(VOCAB, ["CO R"], word_list=False)

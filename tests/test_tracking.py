@@ -6,10 +6,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline import commands
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.tracking import (
+    SERVER_TIMEOUT,
     Tracker,
     TrainingLogger,
     flatten,
@@ -19,6 +22,8 @@ from pipeline.tracking import (
     tracking_uri,
 )
 from pipeline.training import EvalRecord, StepRecord
+
+from .conftest import RESUMABLE, ROOT, TINY, cli, cli_env, prepared_project
 
 
 def test_flatten_joins_nested_keys():
@@ -124,3 +129,58 @@ def test_a_shared_mlflow_server_gets_the_runs_and_artifacts(mlflow_server, toy, 
     assert [a.path for a in tracker.client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/ckpt.pt"]
     assert list((server_dir / "art").rglob("ckpt.pt")), "artifacts went through the server"
     assert not (paths.root / "mlflow.db").exists() and not (paths.root / "mlartifacts").exists()
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never answers: a hung or firewalled server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_an_unreachable_tracking_server_fails_within_seconds_naming_its_url(server, silent_server, monkeypatch):
+    url = "http://127.0.0.1:9" if server == "refusing" else silent_server  # port 9: nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.perf_counter()
+    with pytest.raises(PipelineError, match=f"MLflow tracking server {url} is unreachable"):
+        Tracker.for_project()
+    assert time.perf_counter() - started < SERVER_TIMEOUT + 3
+
+
+def test_an_unreachable_tracking_server_stops_train_before_any_work(toy, monkeypatch, capsys):
+    params, paths, _ = toy
+    monkeypatch.chdir(paths.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    args = ["train", "--example", "toy", "--params", str(ROOT / "params.yaml"), *[f"--set={o}" for o in TINY["toy"]]]
+    assert main(args) == 2
+    assert "error: MLflow tracking server http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+    assert not paths.model_dir.exists()
+
+
+def test_four_concurrent_trainings_into_one_new_sqlite_store_lose_nothing(tmp_path):
+    """Real processes, a store none of them has seen: its tables are made once, and no write is lost."""
+    store = tmp_path / "shared" / "mlflow.db"
+    store.parent.mkdir()
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    steps = [*RESUMABLE, "toy.train.eval_interval=5"]  # 120 steps, an evaluation and a log_batch every 5
+    projects = [prepared_project(tmp_path / f"p{i}", None) for i in range(4)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [
+        subprocess.Popen(cli("train", *steps, f"toy.train.seed={i}"), cwd=p, env=env, **pipes)
+        for i, p in enumerate(projects)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+        assert "database is locked" not in stderr and "Traceback" not in stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(train_steps) == list(range(1, 121))
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 24
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "history.csv"}

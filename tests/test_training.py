@@ -1,14 +1,24 @@
+import itertools
+import random
+import signal
+
+import numpy as np
 import pytest
 import torch
 
+from pipeline import commands
+from pipeline.checkpoint import TrainingCheckpoints, load_resume_point
 from pipeline.commands import build_model
-from pipeline.errors import PipelineError
+from pipeline.errors import Diverged, PipelineError, Stopped
 from pipeline.training import (
     EVAL_TOKENS,
     autocast,
     fixed_batches,
     learning_rate_at,
     pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
     to_device,
     train,
     uses_bf16,
@@ -182,3 +192,91 @@ def test_cached_sampling_on_cuda_gives_the_same_tokens(toy):
     start = torch.zeros(3, 1, dtype=torch.long, device="cuda")
     outs = [model.generate(start, 12, 0.0, None, None, use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(outs[0], outs[1])
+
+
+def saver(folder, model, dataset) -> TrainingCheckpoints:
+    return TrainingCheckpoints(folder / "latest.pt", folder / "best.pt", model, dataset.vocab, "fingerprint", "run")
+
+
+def stop_before(step: int):
+    """A stop request that comes just before `step`, as SIGINT would."""
+    calls = itertools.count(1)
+    return lambda: Stopped("stopped by test", signal.SIGINT) if next(calls) >= step else None
+
+
+def test_a_stopped_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(toy, tmp_path):
+    _, _, dataset = toy
+    params, cpu = tiny_params("toy", "toy.model.dropout=0.1"), torch.device("cpu")  # dropout: the RNG state counts
+    whole = train(build_model(params, dataset.vocab.size), dataset, params.train, cpu, progress=False)
+
+    model = build_model(params, dataset.vocab.size)
+    saved = saver(tmp_path, model, dataset)
+    with pytest.raises(Stopped):
+        train(model, dataset, params.train, cpu, progress=False, on_checkpoint=saved.save, stop=stop_before(31))
+    point = load_resume_point(tmp_path / "latest.pt")
+    assert point.state.step == 30 and [e.step for e in point.state.evals] == [20]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 20
+
+    resumed_model = build_model(params, dataset.vocab.size)
+    resumed_model.load_state_dict(point.model_state)
+    resumed = train(resumed_model, dataset, params.train, cpu, progress=False, resume=point.state)
+    assert resumed.evals == whole.evals
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in whole.history]
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nan_injected_mid_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(toy, tmp_path):
+    params, _, dataset = toy
+    model = build_model(params, dataset.vocab.size)
+
+    def poison_after_step_25(record):
+        if record.step == 25:
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+    saved = saver(tmp_path, model, dataset)
+    with pytest.raises(Diverged, match="training diverged: loss is nan at step 26") as error:
+        train(model, dataset, params.train, torch.device("cpu"), poison_after_step_25, None, False, None, saved.save)
+    assert error.value.step == 26
+    point = load_resume_point(tmp_path / "latest.pt")
+    assert point.state.step == 20
+    assert all(torch.isfinite(t).all() for t in point.model_state.values())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rng_states_round_trip_through_a_safe_load(tmp_path):
+    seed_everything(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_a_diverging_training_names_the_step_and_the_checkpoint_kept_and_fails_its_run(toy, tracker, monkeypatch):
+    params, paths, _ = toy
+    build = commands.build_model
+
+    def build_with_nan_after_25_steps(*args):
+        """Fault injection: from the 26th training forward pass on, the logits are NaN."""
+        model = build(*args)
+        passes = itertools.count(1)
+        model.lm_head.register_forward_hook(
+            lambda module, inputs, out: out * float("nan") if module.training and next(passes) > 25 else None
+        )
+        return model
+
+    monkeypatch.setattr(commands, "build_model", build_with_nan_after_25_steps)
+    with pytest.raises(Diverged) as error:
+        commands.train_example(params, paths, tracker, progress=False)
+    assert str(error.value) == (
+        f"toy: training diverged: loss is nan at step 26; the last good checkpoint, step 20, "
+        f"stays in {paths.latest_checkpoint}"
+    )
+    point = load_resume_point(paths.latest_checkpoint)
+    assert point.state.step == 20 and all(torch.isfinite(t).all() for t in point.model_state.values())
+    run = tracker.client.get_run(point.run_id)
+    assert run.info.status == "FAILED"
+    assert len(tracker.client.get_metric_history(point.run_id, "train_loss")) == 25  # the curve up to the blow-up
+    assert not paths.checkpoint.exists()

@@ -1,3 +1,4 @@
+import itertools
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from pipeline import tuning
 from pipeline.cli import main
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
@@ -120,20 +122,26 @@ def test_sweep_prunes_tracks_children_registers_and_continues(toy, tracker):
     assert len(tracker.client.search_model_versions("name = 'chargpt-test'")) >= 1
 
 
-def test_a_diverging_trial_fails_and_the_sweep_goes_on(toy, tracker):
+def test_a_diverging_trial_fails_and_the_sweep_goes_on(toy, tracker, monkeypatch):
     _, paths, _ = toy
-    params = tune_params(
-        "toy.train.learning_rate=1.0e30",  # the baseline, run first, diverges
-        "toy.tune.trials=3",
-        "toy.tune.pruner={kind: none}",
-        "toy.tune.space={n_layer: {low: 1, high: 2}, learning_rate: {choices: [1.0e30, 1.0e-2, 5.0e-3, 2.0e-3]}}",
-    )
+    params = tune_params("toy.tune.trials=3", "toy.tune.pruner={kind: none}")
+    build, built = tuning.build_model, itertools.count()
+
+    def first_model_diverges(*args):
+        """Fault injection: the first trial's logits turn NaN after 5 steps."""
+        model, passes, poisoned = build(*args), itertools.count(1), next(built) == 0
+        model.lm_head.register_forward_hook(
+            lambda module, inputs, out: (
+                out * float("nan") if poisoned and module.training and next(passes) > 5 else None
+            )
+        )
+        return model
+
+    monkeypatch.setattr(tuning, "build_model", first_model_diverges)
     tune_example(params, paths, tracker, progress=False)
     trials = load_study(params, paths).trials
-    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
-    assert trials[0].state == TrialState.FAIL
-    assert "diverged" in trials[0].user_attrs["error"]
-    assert any(t.state == TrialState.COMPLETE for t in trials[1:])
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "training diverged: loss is nan at step 6" in trials[0].user_attrs["error"]
     failed_run = tracker.client.get_run(trials[0].user_attrs["mlflow_run_id"])
     assert failed_run.info.status == "FAILED" and failed_run.data.tags["optuna.trial_state"] == "FAIL"
 
