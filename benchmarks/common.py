@@ -4,14 +4,17 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.config import ExampleParams, ExamplePaths, example_params, load_params, read_overrides_file
+from pipeline.cli import add_override_arguments, given_overrides
+from pipeline.config import ExampleParams, ExamplePaths, example_params, load_params
 from pipeline.data import Dataset, load_dataset, prepare
+from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import GPT
 from pipeline.training import cpu_supports_bf16
@@ -22,30 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def add_common_arguments(parser: argparse.ArgumentParser, example: str = "shakespeare") -> None:
     parser.add_argument("--example", default=example, help="a section of the params file (default: %(default)s)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="default: params.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter, as `python -m pipeline train --set` (repeatable)",
-    )
-    parser.add_argument(
-        "--set-file",
-        dest="override_files",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="FILE",
-        help="overrides from a file, one KEY=VALUE a line, e.g. overrides/gpu.txt",
-    )
+    add_override_arguments(parser)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
 
 
 def example_config(args) -> ExampleParams:
     """The example's params; folds any --set-file lines into `args.overrides`, ahead of --set."""
-    args.overrides = [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
-    args.override_files = []
+    args.overrides, args.override_files = given_overrides(args), []
     return example_params(load_params(args.params, args.overrides), args.example, args.params)
 
 
@@ -138,3 +124,20 @@ def save_results(path: Path | None, payload: dict) -> None:
     if path:
         write_json(path, payload)
         print(f"results written to {path}")
+
+
+def run_benchmark(parser: argparse.ArgumentParser, run, report, argv=None) -> int:
+    """Parse, run, print the report and the load average, save the JSON: the shape of every benchmark.
+
+    `report(results)` prints the tables and may return a non-zero exit status.
+    """
+    args = parser.parse_args(argv)
+    try:
+        results = run(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = report(results) or 0
+    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
+    save_results(args.json, results)
+    return status

@@ -15,10 +15,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_common_arguments, example_config, format_table, machine, save_results, synchronize
+from benchmarks.common import (
+    add_common_arguments,
+    example_config,
+    format_table,
+    machine,
+    run_benchmark,
+    synchronize,
+)
 from pipeline.checkpoint import load_checkpoint
 from pipeline.commands import build_model
-from pipeline.errors import PipelineError
 from pipeline.training import pick_device
 
 
@@ -92,19 +98,16 @@ COLUMNS = {
 }
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def report(results: dict) -> int:
+    """The table; exit status 1 if the cached and uncached paths gave different tokens."""
     m = results["model"]
     print(f"{m['n_layer']} layers, {m['n_embd']} wide, block {m['block_size']} on {results['machine']['device_name']}")
     print(format_table(results["rows"], COLUMNS))
-    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
-    save_results(args.json, results)
     return 0 if all(r["same_tokens"] for r in results["rows"]) else 1
+
+
+def main(argv=None) -> int:
+    return run_benchmark(build_parser(), run, report, argv)
 
 
 if __name__ == "__main__":

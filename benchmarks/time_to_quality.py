@@ -11,9 +11,15 @@ evaluations the benchmark adds; the schedule is the configuration's own (step-ba
 import argparse
 import sys
 
-from benchmarks.common import add_common_arguments, example_config, format_table, load_example, machine, save_results
+from benchmarks.common import (
+    add_common_arguments,
+    example_config,
+    format_table,
+    load_example,
+    machine,
+    run_benchmark,
+)
 from pipeline.commands import build_model
-from pipeline.errors import PipelineError
 from pipeline.evaluation import eval_windows, split_loss
 from pipeline.training import StepRecord, pick_device, train
 
@@ -81,13 +87,7 @@ def run(args) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def report(results: dict) -> None:
     print(format_table(results["budgets"], {"budget_s": "{:g}", "val_loss": "{:.4f}"}))
     print(format_table(results["targets"], {"target": "{:.2f}", "seconds": "{:.1f}"}))
     print(
@@ -95,9 +95,10 @@ def main(argv=None) -> int:
         f"({results['tokens_per_sec']:,.0f} tokens/s); final val loss {results['final_val_loss']:.4f} "
         f"(whole validation split: {results['whole_split_val_loss']:.4f})"
     )
-    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
-    save_results(args.json, results)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_benchmark(build_parser(), run, report, argv)
 
 
 if __name__ == "__main__":

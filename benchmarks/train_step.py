@@ -26,7 +26,7 @@ from benchmarks.common import (
     load_example,
     machine,
     matmul_peak,
-    save_results,
+    run_benchmark,
 )
 from pipeline.config import example_params, load_params
 from pipeline.errors import PipelineError
@@ -180,17 +180,12 @@ def run(args) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def report(results: dict) -> None:
     print(format_table(results["rows"], COLUMNS))
-    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
-    save_results(args.json, results)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_benchmark(build_parser(), run, report, argv)
 
 
 if __name__ == "__main__":

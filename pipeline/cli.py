@@ -27,23 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage = commands.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--example", required=True, help="a top-level section of the params file, e.g. toy")
         stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
-        stage.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
-        )
-        stage.add_argument(
-            "--set-file",
-            dest="override_files",
-            action="append",
-            default=[],
-            type=Path,
-            metavar="FILE",
-            help="overrides from a file, one KEY=VALUE a line, before any --set, e.g. overrides/gpu.txt",
-        )
+        add_override_arguments(stage)
         if name in ("train", "tune"):
             stage.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         if name == "tune":
@@ -73,6 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """--set and --set-file, for the pipeline's commands and the benchmarks alike."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter for this run only, e.g. --set toy.train.max_steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--set-file",
+        dest="override_files",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="overrides from a file, one KEY=VALUE a line, before any --set, e.g. overrides/gpu.txt",
+    )
+
+
+def given_overrides(args) -> list[str]:
+    """The --set-file lines, then the --set values: a --set wins over a file."""
+    from pipeline.config import read_overrides_file
+
+    return [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
+
+
 def add_tune_options(parser: argparse.ArgumentParser) -> None:
     """Shortcuts for the most changed tune.* params; they go through the same checks as --set."""
     parser.add_argument("--trials", type=int, help="total trials in the study (re-running adds only the missing)")
@@ -89,10 +101,10 @@ def tune_overrides(args) -> list[str]:
 # Imports inside the commands: `--help` answers at once, without loading torch and MLflow.
 def run_stage(args) -> None:
     from pipeline import commands
-    from pipeline.config import ExamplePaths, example_params, load_params, read_overrides_file
+    from pipeline.config import ExamplePaths, example_params, load_params
     from pipeline.tracking import Tracker
 
-    overrides = [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
+    overrides = given_overrides(args)
     overrides += tune_overrides(args) if args.command == "tune" else []
     if getattr(args, "prompts", None):  # JSON is YAML: any character survives the trip
         overrides.append(f"{args.example}.inspect.prompts={json.dumps(args.prompts)}")
