@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import add_override_arguments, given_overrides
-from pipeline.config import ExampleParams, ExamplePaths, example_params, load_params
+from pipeline.config import example_params, load_params
 from pipeline.data import Dataset, load_dataset, prepare
+from pipeline.device import cpu_supports_bf16
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import GPT
-from pipeline.training import cpu_supports_bf16
+from pipeline.paths import ExamplePaths
+from pipeline.schema import ExampleParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

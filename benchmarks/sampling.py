@@ -24,8 +24,8 @@ from benchmarks.common import (
     synchronize,
 )
 from pipeline.checkpoint import load_checkpoint
-from pipeline.commands import build_model
-from pipeline.training import pick_device
+from pipeline.device import pick_device
+from pipeline.model import build_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,10 @@ def run(args) -> dict:
         checkpoint = load_checkpoint(args.checkpoint, device)
         model, vocab_size = checkpoint.model, checkpoint.vocab.size
     else:
-        model, vocab_size = build_model(params, args.vocab_size).to(device).eval(), args.vocab_size
+        model, vocab_size = (
+            build_model(params.model, args.vocab_size, params.train.seed).to(device).eval(),
+            args.vocab_size,
+        )
     block = model.config.block_size
     lengths = [int(t) for t in args.tokens.split(",")] if args.tokens else sorted({block, 300})
     prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device)

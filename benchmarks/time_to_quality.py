@@ -19,9 +19,10 @@ from benchmarks.common import (
     machine,
     run_benchmark,
 )
-from pipeline.commands import build_model
+from pipeline.device import pick_device
 from pipeline.evaluation import eval_windows, split_loss
-from pipeline.training import StepRecord, pick_device, train
+from pipeline.model import build_model
+from pipeline.training import StepRecord, TrainCallbacks, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def run(args) -> dict:
     params = example_config(args)
     dataset = load_example(params, args.example)
     device = pick_device(params.train.device)
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     tokens = params.train.batch_size * params.model.block_size
     clock = {"seconds": 0.0}  # training seconds so far: the step times, not the evaluations
     timeline = []
@@ -59,7 +60,8 @@ def run(args) -> dict:
         print(f"  {clock['seconds']:6.1f} s, step {record.step}: val loss {record.val_loss:.4f}", flush=True)
 
     print(f"{args.example}: {model.num_params():,} parameters, {params.train.max_steps} steps on {device}", flush=True)
-    result = train(model, dataset, params.train, device, on_step, on_eval, progress=False)
+    callbacks = TrainCallbacks(on_step=on_step, on_eval=on_eval)
+    result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
     whole_val = split_loss(
         result.model, eval_windows(dataset, "val", params.model.block_size), 256, device, params.train.precision
     )

@@ -29,8 +29,8 @@ from benchmarks.common import (
     run_benchmark,
 )
 from pipeline.config import example_params, load_params
+from pipeline.device import pick_device
 from pipeline.errors import PipelineError
-from pipeline.training import pick_device
 
 VARIANTS = {
     "float32": ("float32", False),
@@ -91,16 +91,16 @@ def job_overrides(example: str, variant: str, batch: int, threads: int, steps: i
 
 def measure(params_path, example: str, overrides: list[str]) -> dict:
     """Train one variant (in its own process) and return its figures."""
-    from pipeline.commands import build_model
+    from pipeline.model import build_model
     from pipeline.training import train
 
     params = example_params(load_params(params_path, overrides), example, params_path)
     dataset = load_example(params, example)
     device = pick_device(params.train.device)
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train(model, dataset, params.train, device, progress=False)
+    result = train(model, dataset, params=params.train, device=device, progress=False)
     tokens = params.train.batch_size * params.model.block_size
     seconds = [tokens / h.tokens_per_sec for h in result.history]
     step = statistics.median(seconds[len(seconds) // 2 :])

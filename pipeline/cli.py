@@ -1,4 +1,8 @@
-"""The command line: `python -m pipeline <command> --help`. The DVC stages call it too."""
+"""The command line: `python -m pipeline <command> --help`.
+
+Only people use it: the DVC stages run `stages/<name>.py`, which import the stage modules and
+pipeline/runner.py but not this file, so a new flag or help text here re-runs no stage.
+"""
 
 import argparse
 import json
@@ -7,6 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
+STAGE_FUNCTIONS = {name: f"{name}_example" for name in ("prepare", "train", "evaluate", "sample", "inspect", "tune")}
 STAGES = {
     "prepare": "build the vocabulary, split and encode data/<example>/input.txt",
     "train": "train the model (or resume an interrupted run) and log the run to MLflow",
@@ -80,7 +85,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
 
 def given_overrides(args) -> list[str]:
     """The --set-file lines, then the --set values: a --set wins over a file."""
-    from pipeline.config import read_overrides_file
+    from pipeline.overrides import read_overrides_file
 
     return [line for path in args.override_files for line in read_overrides_file(path)] + args.overrides
 
@@ -99,31 +104,20 @@ def tune_overrides(args) -> list[str]:
 
 
 # Imports inside the commands: `--help` answers at once, without loading torch and MLflow.
-def run_stage(args) -> None:
-    from pipeline import commands
-    from pipeline.config import ExamplePaths, example_params, load_params
-    from pipeline.tracking import Tracker
+def run_stage(args) -> int:
+    from importlib import import_module
+
+    from pipeline.runner import run
 
     overrides = given_overrides(args)
     overrides += tune_overrides(args) if args.command == "tune" else []
     if getattr(args, "prompts", None):  # JSON is YAML: any character survives the trip
         overrides.append(f"{args.example}.inspect.prompts={json.dumps(args.prompts)}")
-    params = example_params(load_params(args.params, overrides), args.example, args.params)
-    paths = ExamplePaths(Path.cwd(), args.example)
-    if args.command == "prepare":
-        commands.prepare_example(params, paths)
-    elif args.command == "train":
-        commands.train_example(params, paths, Tracker.for_project(), not args.no_progress, args.fresh)
-    elif args.command == "tune":
-        from pipeline.tuning import tune_example
-
-        tune_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
-    elif args.command == "evaluate":
-        commands.evaluate_example(params, paths, Tracker.for_project())
-    elif args.command == "inspect":
-        commands.inspect_example(params, paths, Tracker.for_project())
-    else:
-        commands.sample_example(params, paths, Tracker.for_project())
+    options = {"progress": not args.no_progress} if args.command in ("train", "tune") else {}
+    if args.command == "train":
+        options["fresh"] = args.fresh
+    stage = getattr(import_module(f"pipeline.stages.{args.command}"), STAGE_FUNCTIONS[args.command])
+    return run(stage, args.example, args.params, overrides, **options)
 
 
 def run_compare(args) -> None:
@@ -148,12 +142,11 @@ def run_compare(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "compare":
+        return run_stage(args)
     try:
-        run_compare(args) if args.command == "compare" else run_stage(args)
+        run_compare(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT/SIGTERM turned into Stopped: 128 + the signal, as a shell says
-        print(f"error: {e or 'interrupted'}", file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)
     return 0

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ExamplePaths, TextData, WordsData
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_bytes, write_json
+from pipeline.paths import ExamplePaths
+from pipeline.schema import TextData, WordsData
 
 BOUNDARY = " "  # separates the words of a word list; a word starts and ends with it
 TOKEN_DTYPE = np.dtype("<u2")
@@ -232,3 +233,14 @@ def random_batch(tokens: torch.Tensor, batch_size: int, block_size: int, generat
         starts = starts[torch.randint(len(starts), (batch_size,), generator=generator)]
     windows = tokens[starts[:, None] + torch.arange(block_size + 1)]
     return windows[:, :-1], windows[:, 1:]
+
+
+def check_data_fits(dataset: Dataset, block_size: int, example: str) -> None:
+    """Refuse a model that cannot be trained on this data, before a run is started for it."""
+    for name, split in (("train", dataset.train), ("validation", dataset.val)):
+        if len(split) <= block_size:
+            raise PipelineError(
+                f"{example}: the {name} split has {len(split)} tokens; model.block_size + 1 = {block_size + 1} needed"
+            )
+    if (longest := dataset.meta.get("max_word_length", 0)) >= block_size:
+        raise PipelineError(f"{example}: model.block_size ({block_size}) must exceed the longest word ({longest})")

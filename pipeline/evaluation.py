@@ -6,11 +6,11 @@ from collections import Counter, defaultdict
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import EvaluateParams, WordEvalParams
 from pipeline.data import BOUNDARY, Dataset, Vocabulary
+from pipeline.device import autocast
 from pipeline.model import GPT
 from pipeline.sampling import make_generator, sample_words
-from pipeline.training import autocast
+from pipeline.schema import EvaluateParams, WordEvalParams
 
 
 def block_windows(tokens: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,10 +62,12 @@ def loss_metrics(loss: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2)}
 
 
-def split_metrics(model: GPT, dataset: Dataset, split: str, params: EvaluateParams, device) -> dict[str, float]:
+def split_metrics(
+    model: GPT, dataset: Dataset, split: str, params: EvaluateParams, device, precision: str = "auto"
+) -> dict[str, float]:
     """Loss, perplexity and bits per character over the whole of one split."""
     windows = eval_windows(dataset, split, model.config.block_size)
-    return loss_metrics(split_loss(model, windows, params.batch_size, device))
+    return loss_metrics(split_loss(model, windows, params.batch_size, device, precision))
 
 
 @torch.no_grad()

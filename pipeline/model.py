@@ -5,6 +5,7 @@ self-attention and a GELU MLP, a final LayerNorm and a language-model head whose
 to the token embedding.
 """
 
+import dataclasses
 import math
 from typing import Annotated
 
@@ -19,14 +20,17 @@ STRICT = ConfigDict(extra="forbid")
 
 @dataclass(config=STRICT)
 class ModelConfig:
-    """The architecture, as `params.yaml` gives it; the vocabulary comes from the data."""
+    """The architecture, as `params.yaml` gives it; the vocabulary comes from the data.
 
-    block_size: PositiveInt
-    n_layer: PositiveInt
-    n_head: PositiveInt
-    n_embd: PositiveInt
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
-    bias: bool
+    The defaults are the scale of nanoGPT's CPU recipe.
+    """
+
+    block_size: PositiveInt = 64
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 128
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    bias: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -35,7 +39,7 @@ class ModelConfig:
 
 @dataclass(config=STRICT)
 class GPTConfig(ModelConfig):
-    vocab_size: PositiveInt
+    vocab_size: PositiveInt = dataclasses.field(kw_only=True)
 
 
 class KVCache:
@@ -211,3 +215,10 @@ def probabilities(logits, temperature: float = 1.0, top_k: int | None = None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return F.softmax(logits, dim=-1)
+
+
+def build_model(config: ModelConfig, vocab_size: int, seed: int) -> GPT:
+    """A freshly initialised model that depends on `seed` alone, not on the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(**dataclasses.asdict(config), vocab_size=vocab_size))

@@ -1,9 +1,7 @@
 """Pictures people would rather look at than read: loss curves, next-character probabilities,
-attention maps, a sweep's trials."""
+attention maps."""
 
 import io
-import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -25,7 +23,7 @@ def loss_curve_png(history: pd.DataFrame, evals: pd.DataFrame, title: str) -> by
     ax.set(xlabel="step", ylabel="cross-entropy loss (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def save_loss_curve(path, history: pd.DataFrame, evals: pd.DataFrame, title: str) -> None:
@@ -40,37 +38,11 @@ def glyphs(text: str) -> str:
     return "".join(GLYPHS.get(ch, ch) for ch in text)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def save_study_plots(study, folder: Path) -> list[Path]:
-    """Optuna's pictures of a sweep, as PNG files; a picture the study cannot support yet is left out."""
-    import optuna.visualization.matplotlib as views  # only sweeps need it; keep the stages light
-
-    pictures = {
-        "history.png": views.plot_optimization_history,
-        "intermediate.png": views.plot_intermediate_values,
-        "parallel.png": views.plot_parallel_coordinate,
-        "importances.png": views.plot_param_importances,
-    }
-    saved = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
-        for name, plot in pictures.items():
-            try:
-                axes = plot(study)
-            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of < 2 finished trials
-                print(f"{name} left out: {e}")
-                continue
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            figure.set_size_inches(9, 5)
-            write_bytes(folder / name, _png(figure))
-            saved.append(folder / name)
-    return saved
 
 
 def next_char_heatmap_png(probs, prefixes: list[str], chars: list[str], title: str) -> bytes:
@@ -90,7 +62,7 @@ def next_char_heatmap_png(probs, prefixes: list[str], chars: list[str], title: s
             ax.text(col, row, f"{100 * p:.0f}", ha="center", va="center", fontsize=7, color=color)
     ax.set(xlabel="next character (cell: probability in %)", ylabel="text so far", title=title)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="probability")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def attention_maps_png(weights, chars: str, title: str) -> bytes:
@@ -110,4 +82,4 @@ def attention_maps_png(weights, chars: str, title: str) -> bytes:
     fig.supylabel("attending character (query)")
     fig.suptitle(title)
     fig.colorbar(image, ax=axes, fraction=0.02, pad=0.02, label="attention weight")
-    return _png(fig)
+    return png_bytes(fig)

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from pipeline.config import SampleParams
 from pipeline.data import BOUNDARY, Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.model import GPT
+from pipeline.schema import SampleParams
 
 
 def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False) -> None:

@@ -6,16 +6,16 @@ import math
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import TrainParams
 from pipeline.data import Dataset, random_batch
-from pipeline.errors import Diverged, PipelineError
+from pipeline.device import autocast, cpu_threads, setup_device, to_device, uses_compile
+from pipeline.errors import Diverged
 from pipeline.model import GPT
+from pipeline.schema import TrainParams
 
 
 @dataclasses.dataclass
@@ -72,65 +72,6 @@ class TrainResult:
         return float(np.mean(rates))
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise PipelineError(f"train.device is '{name}' but CUDA is not available here")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise PipelineError(f"train.device is '{name}' but MPS is not available here")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default; float32 elsewhere unless asked for."""
-    if not uses_bf16(device, precision):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def uses_compile(device: torch.device, setting: bool | str) -> bool:
-    """`auto` compiles on CUDA only: on 2 CPU cores compiling took 20 to 40 s of a 2-minute run."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); x86 Linux only."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def setup_device(device: torch.device) -> None:
-    """Let float32 matrix products use TF32 on CUDA (bf16 autocast covers most of them anyway)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int):
-    """Run with `count` CPU threads (0: leave torch's choice), then restore the previous count."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @contextlib.contextmanager
 def deterministic(enabled: bool):
     """Deterministic algorithms while `enabled`: compiled CPU code then sums embedding gradients
@@ -142,13 +83,6 @@ def deterministic(enabled: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """On CUDA, copy through pinned host memory without waiting for the copy to finish."""
-    if device.type == "cuda":
-        return tokens.pin_memory().to(device, non_blocking=True)
-    return tokens.to(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -229,32 +163,43 @@ def mean_loss(model: GPT, batches: list, device: torch.device, precision: str) -
     return total / count
 
 
-def train(
-    model: GPT,
-    dataset: Dataset,
-    params: TrainParams,
-    device: torch.device,
-    on_step: Callable[[StepRecord], None] | None = None,
-    on_eval: Callable[[EvalRecord], None] | None = None,
-    progress: bool = True,
-    resume: TrainState | None = None,
-    on_checkpoint: Callable[[TrainState, bool], None] | None = None,
-    stop: Callable[[], BaseException | None] | None = None,
-) -> TrainResult:
-    """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
+@dataclasses.dataclass
+class TrainCallbacks:
+    """What the caller hears of a run, all optional.
 
     `on_eval` sees every evaluation (a sweep reports it to its pruner and may raise to stop).
     `on_checkpoint(state, best)` comes before the first step and after every evaluation (`best`:
-    the lowest validation loss so far). `resume` continues a run from its saved state, the model
-    holding that state's weights, exactly as if it had never stopped. `stop` is asked between
-    steps; when it returns an exception, the state is checkpointed and the exception raised.
+    the lowest validation loss so far). `stop` is asked between steps; when it returns an
+    exception, the state is checkpointed and the exception raised.
+    """
+
+    on_step: Callable[[StepRecord], None] | None = None
+    on_eval: Callable[[EvalRecord], None] | None = None
+    on_checkpoint: Callable[[TrainState, bool], None] | None = None
+    stop: Callable[[], BaseException | None] | None = None
+
+
+def train(
+    model: GPT,
+    dataset: Dataset,
+    *,
+    params: TrainParams,
+    device: torch.device,
+    callbacks: TrainCallbacks | None = None,
+    progress: bool = True,
+    resume: TrainState | None = None,
+) -> TrainResult:
+    """Train `model` for `params.max_steps` steps, evaluating every `params.eval_interval`.
+
+    `resume` continues a run from its saved state, the model holding that state's weights,
+    exactly as if it had never stopped.
     """
     compiled_on_cpu = device.type == "cpu" and uses_compile(device, params.compile)
     with cpu_threads(params.threads), deterministic(compiled_on_cpu):
-        return _train(model, dataset, params, device, on_step, on_eval, progress, resume, on_checkpoint, stop)
+        return _train(model, dataset, params, device, callbacks or TrainCallbacks(), progress, resume)
 
 
-def _train(model, dataset, params, device, on_step, on_eval, progress, resume, on_checkpoint, stop) -> TrainResult:
+def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, resume) -> TrainResult:
     seed_everything(params.seed)
     setup_device(device)
     block_size = model.config.block_size
@@ -274,9 +219,9 @@ def _train(model, dataset, params, device, on_step, on_eval, progress, resume, o
     started = time.perf_counter() - (resume.seconds if resume else 0.0)
 
     def checkpoint(step: int, best: bool) -> None:
-        if on_checkpoint:
+        if callbacks.on_checkpoint:
             seconds = time.perf_counter() - started
-            on_checkpoint(
+            callbacks.on_checkpoint(
                 TrainState(step, optimizer.state_dict(), generator.get_state(), rng_state(), history, evals, seconds),
                 best,
             )
@@ -289,8 +234,8 @@ def _train(model, dataset, params, device, on_step, on_eval, progress, resume, o
         evals.append(EvalRecord(step, train_loss, val_loss))
         if progress:
             tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        if on_eval:
-            on_eval(evals[-1])
+        if callbacks.on_eval:
+            callbacks.on_eval(evals[-1])
         checkpoint(step, best)
 
     # disable=None: a bar on a terminal, none in a log file
@@ -301,7 +246,7 @@ def _train(model, dataset, params, device, on_step, on_eval, progress, resume, o
     if start == 0:
         checkpoint(0, best=False)  # from the first step on, a killed run has a checkpoint to resume from
     for step in bar:
-        if stop and (reason := stop()) is not None:
+        if callbacks.stop and (reason := callbacks.stop()) is not None:
             checkpoint(step - 1, best=False)
             raise reason
         tick = time.perf_counter()
@@ -322,8 +267,8 @@ def _train(model, dataset, params, device, on_step, on_eval, progress, resume, o
         record = StepRecord(step, loss_value, lr, x.numel() / (time.perf_counter() - tick))
         history.append(record)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.tokens_per_sec:,.0f}", refresh=False)
-        if on_step:
-            on_step(record)
+        if callbacks.on_step:
+            callbacks.on_step(record)
         if step % params.eval_interval == 0 or step == params.max_steps:
             evaluate(step)
     bar.close()

@@ -1,8 +1,9 @@
-"""DVC stage: evaluate one example. Same as `python -m pipeline evaluate`; see its --help."""
+"""DVC stage: evaluate one example (`python -m stages.evaluate --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.evaluate import evaluate_example
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(stage_main(evaluate_example))

@@ -1,8 +1,9 @@
-"""DVC stage: inspect one example. Same as `python -m pipeline inspect`; see its --help."""
+"""DVC stage: inspect one example (`python -m stages.inspect --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.inspect import inspect_example
 
 if __name__ == "__main__":
-    sys.exit(main(["inspect", *sys.argv[1:]]))
+    sys.exit(stage_main(inspect_example))

@@ -1,8 +1,9 @@
-"""DVC stage: prepare one example. Same as `python -m pipeline prepare`; see its --help."""
+"""DVC stage: prepare one example (`python -m stages.prepare --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.prepare import prepare_example
 
 if __name__ == "__main__":
-    sys.exit(main(["prepare", *sys.argv[1:]]))
+    sys.exit(stage_main(prepare_example))

@@ -1,8 +1,9 @@
-"""DVC stage: sample one example. Same as `python -m pipeline sample`; see its --help."""
+"""DVC stage: sample one example (`python -m stages.sample --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.sample import sample_example
 
 if __name__ == "__main__":
-    sys.exit(main(["sample", *sys.argv[1:]]))
+    sys.exit(stage_main(sample_example))

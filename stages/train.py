@@ -1,8 +1,9 @@
-"""DVC stage: train one example. Same as `python -m pipeline train`; see its --help."""
+"""DVC stage: train one example (`python -m stages.train --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.train import train_example
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(stage_main(train_example))

@@ -1,8 +1,9 @@
-"""DVC stage: tune one example. Same as `python -m pipeline tune`; see its --help."""
+"""DVC stage: tune one example (`python -m stages.tune --example toy`)."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.runner import stage_main
+from pipeline.stages.tune import tune_example
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(stage_main(tune_example))

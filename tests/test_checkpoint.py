@@ -2,20 +2,22 @@ import pytest
 import torch
 
 from pipeline.checkpoint import TrainingCheckpoints, load_checkpoint, load_resume_point, save_checkpoint
-from pipeline.commands import build_model, evaluate_example, train_example
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.stages.evaluate import evaluate_example
+from pipeline.stages.train import train_example
 from pipeline.tracking import save_run_info
 from pipeline.training import TrainState, make_optimizer
 
-from .conftest import tiny_params
+from .helpers import tiny_params
 
 
 @pytest.fixture
 def saved(tmp_path):
     params = tiny_params("toy")
     vocab = Vocabulary.from_text(" ACELNORST")
-    model = build_model(params, vocab.size)
+    model = build_model(params.model, vocab.size, params.train.seed)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model, make_optimizer(model, params.train, torch.device("cpu")), vocab, 7, 1.25)
     return path, model, vocab
@@ -95,7 +97,7 @@ def test_evaluating_a_checkpoint_of_another_vocabulary_is_refused(toy, tracker, 
     run_id = tracker.start_run("toy", "toy", {}, {})
     save_run_info(paths.run_info, tracker, run_id)
     other = Vocabulary(tuple(dataset.vocab.chars[:-1]) + ("z",))
-    model = build_model(params, other.size)
+    model = build_model(params.model, other.size, params.train.seed)
     save_checkpoint(paths.checkpoint, model, make_optimizer(model, params.train, torch.device("cpu")), other, 5, 2.0)
     with pytest.raises(PipelineError, match="was trained on another vocabulary than .*meta.json: train again"):
         evaluate_example(params, paths, tracker)
@@ -104,7 +106,7 @@ def test_evaluating_a_checkpoint_of_another_vocabulary_is_refused(toy, tracker, 
 
 def test_latest_checkpoint_round_trip_and_a_corrupt_one_says_how_to_go_on(toy, tmp_path):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     saved = TrainingCheckpoints(tmp_path / "latest.pt", tmp_path / "best.pt", model, dataset.vocab, "fp", "run-1")
     assert load_resume_point(tmp_path / "latest.pt") is None
     state = TrainState(7, {"state": {}, "param_groups": []}, torch.Generator().get_state(), {}, [], [], 1.5)

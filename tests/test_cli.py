@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.cli import main
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "inspect", "compare"])

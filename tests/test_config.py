@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -5,10 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cli import main
-from pipeline.config import apply_overrides, example_params, load_params, parse_override, read_overrides_file
+from pipeline.config import example_params, load_params
 from pipeline.errors import PipelineError
+from pipeline.model import ModelConfig
+from pipeline.overrides import apply_overrides, parse_override, read_overrides_file
+from pipeline.schema import SampleParams, TrainParams, WordEvalParams
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def test_the_shipped_params_file_is_valid():
@@ -79,9 +83,27 @@ def test_overrides_are_read_as_yaml_values():
 
 
 def test_a_missing_key_is_named(tmp_path):
+    """Every key has a default but the kind of data, which says what the other data keys are."""
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text().replace("    grad_clip: 1.0\n", "", 1))
-    with pytest.raises(PipelineError, match=r"toy.train.grad_clip: missing key"):
+    path.write_text(re.sub(r"\n    kind: words[^\n]*", "", (ROOT / "params.yaml").read_text(), count=1))
+    with pytest.raises(PipelineError, match=r"toy.data.kind: missing key \(words or text\)"):
+        load_params(path)
+
+
+def test_a_section_states_only_what_differs_from_the_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("examples: [mine]\nmine:\n  data: {kind: text}\n  model:\n  train: {max_steps: 700}\n")
+    params = load_params(path)["mine"]
+    assert params.train.max_steps == 700 and params.train.learning_rate == TrainParams().learning_rate
+    assert params.model == ModelConfig() and params.sample == SampleParams() and params.evaluate.words is None
+    words = load_params(path, ["mine.data.kind=words"])["mine"]
+    assert words.evaluate.words == WordEvalParams()
+
+
+def test_the_example_lists_name_sections_of_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("examples: [mine, other]\nmine:\n  data: {kind: text}\n")
+    with pytest.raises(PipelineError, match=r"'examples' names \['other'\], which have no section"):
         load_params(path)
 
 
@@ -151,11 +173,12 @@ BAD_FILES = [
     ("toy: [unclosed", "is not valid YAML"),
     ("", "must map example names to their parameters"),
     ("toy: 5\n", "toy: Input should be a dictionary"),
-    (DEFAULT.replace("    grad_clip: 1.0\n", "", 1), "toy.train.grad_clip: missing key"),
-    (DEFAULT.replace("    max_steps: 2000\n", "    max_steps: 2000\n    max_steps: 200\n", 1), "appears twice"),
+    (re.sub(r"\n    kind: words[^\n]*", "", DEFAULT, count=1), "toy.data.kind: missing key"),
+    (DEFAULT.replace("    max_steps: 1200", "    max_steps: 1200\n    max_steps: 200", 1), "appears twice"),
     (DEFAULT.replace("  model:\n", "  modle:\n", 1), "toy.modle: unknown key (did you mean 'model'?)"),
-    (DEFAULT.replace("batch_size: 128", "batch_size: -1").replace("n_layer: 4", "n_layer: 0"), "has 2 problems"),
-    (DEFAULT.replace("kind: text", "kind: words", 1), "shakespeare.data.seed: missing key"),
+    (DEFAULT.replace("batch_size: 128", "batch_size: -1").replace("n_layer: 2", "n_layer: 0"), "has 2 problems"),
+    (DEFAULT.replace("kind: text", "kind: txt", 1), "shakespeare.data: Input tag 'txt' found using 'kind'"),
+    (DEFAULT.replace("sweeps: [toy]", "sweeps: [toys]", 1), "'sweeps' names ['toys'], which have no section"),
 ]
 
 

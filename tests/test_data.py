@@ -6,12 +6,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.commands import train_example
-from pipeline.config import ExamplePaths, TextData, WordsData
 from pipeline.data import BOUNDARY, Vocabulary, load_dataset, prepare, random_batch, split_text, split_words
 from pipeline.errors import PipelineError
+from pipeline.paths import ExamplePaths
+from pipeline.schema import TextData, WordsData
+from pipeline.stages.train import train_example
 
-from .conftest import tiny_params
+from .helpers import tiny_params
 
 
 def test_encode_decode_round_trip():

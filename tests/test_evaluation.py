@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from pipeline.commands import build_model
 from pipeline.evaluation import (
     block_windows,
     eval_windows,
@@ -14,6 +13,7 @@ from pipeline.evaluation import (
     word_metrics,
     word_windows,
 )
+from pipeline.model import build_model
 
 
 def targets_of(windows):
@@ -40,7 +40,7 @@ def test_word_windows_see_each_word_from_its_start():
 def test_split_loss_is_deterministic_and_matches_the_model_loss(toy):
     params, _, dataset = toy
     torch.manual_seed(0)
-    model = build_model(params, dataset.vocab.size).eval()
+    model = build_model(params.model, dataset.vocab.size, params.train.seed).eval()
     tokens = dataset.train[:81]
     windows = block_windows(tokens, 8)
     _, expected = model(tokens[:80].view(10, 8), tokens[1:81].view(10, 8))
@@ -63,7 +63,7 @@ def test_last_letter_ceiling_counts_ambiguous_endings_once():
 
 def test_word_metrics_are_shares(toy):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     metrics = word_metrics(model, dataset, params.evaluate.words, torch.device("cpu"))
     assert set(metrics) == {"valid_share", "coverage", "last_letter_accuracy", "last_letter_ceiling"}
     assert all(0 <= v <= 1 for v in metrics.values())

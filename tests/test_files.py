@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import load_resume_point
-from pipeline.commands import train_example
-from pipeline.config import ExamplePaths, load_params
+from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, check_writable, read_json, write_folder, write_json, write_text
+from pipeline.paths import ExamplePaths
+from pipeline.stages.train import train_example
 from pipeline.tracking import Tracker
 
-from .conftest import RESUMABLE, ROOT, prepared_project, run_cli
+from .helpers import RESUMABLE, ROOT, prepared_project, run_cli
 from .test_config import files_under
 
 

@@ -4,9 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import commands
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ExamplePaths, load_params
+from pipeline.config import load_params
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.inspection import (
@@ -17,6 +16,8 @@ from pipeline.inspection import (
     inspect_prompt,
 )
 from pipeline.model import GPT, GPTConfig
+from pipeline.paths import ExamplePaths
+from pipeline.stages.inspect import file_stem, inspect_example
 from pipeline.tracking import load_run_id
 
 from .test_plots import png_size
@@ -98,9 +99,9 @@ def test_bad_prompts_are_refused_with_their_problem():
 
 
 def test_file_stems_are_numbered_and_safe():
-    assert commands.file_stem(1, "CORN") == "1-CORN"
-    assert commands.file_stem(2, "ROMEO:\nI will") == "2-ROMEO_I_will"
-    assert commands.file_stem(3, "?!") == "3"
+    assert file_stem(1, "CORN") == "1-CORN"
+    assert file_stem(2, "ROMEO:\nI will") == "2-ROMEO_I_will"
+    assert file_stem(3, "?!") == "3"
 
 
 def test_the_inspect_stage_writes_the_reports_and_logs_them_to_the_models_run(trained_project, capsys, tmp_path):
@@ -108,9 +109,9 @@ def test_the_inspect_stage_writes_the_reports_and_logs_them_to_the_models_run(tr
     params, paths = load_params(root / "params.yaml")["toy"], ExamplePaths(root, "toy")
     (paths.reports / "stale.png").parent.mkdir(exist_ok=True)
     (paths.reports / "stale.png").write_bytes(b"old")
-    table = commands.inspect_example(params, paths, tracker)
+    table = inspect_example(params, paths, tracker)
     assert table in capsys.readouterr().out
-    stems = [commands.file_stem(n, p) for n, p in enumerate(params.inspect.prompts, 1)]
+    stems = [file_stem(n, p) for n, p in enumerate(params.inspect.prompts, 1)]
     pictures = {f"{stem}-{kind}.png" for stem in stems for kind in ("next-chars", "attention")}
     expected = {"next-chars.txt", "loss.png"} | pictures
     assert {p.name for p in paths.reports.iterdir()} == expected

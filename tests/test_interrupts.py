@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_resume_point
-from pipeline.config import ExamplePaths
 from pipeline.errors import Stopped
 from pipeline.interrupts import stop_on_signals
+from pipeline.paths import ExamplePaths
 from pipeline.tracking import Tracker
 
-from .conftest import RESUMABLE, cli, cli_env, prepared_project, run_cli, same_weights
+from .helpers import RESUMABLE, cli, cli_env, prepared_project, run_cli, same_weights
 
 
 def test_a_signal_asks_the_loop_to_stop_and_a_second_stops_at_once():

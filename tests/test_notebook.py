@@ -7,7 +7,7 @@ from nbclient import NotebookClient
 
 from pipeline.compare import runs_table
 
-from .conftest import ROOT
+from .helpers import ROOT
 from .test_plots import png_size
 
 NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"

@@ -12,16 +12,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline.commands import build_model
 from pipeline.compare import runs_table
-from pipeline.config import ExamplePaths, apply_overrides, load_params
+from pipeline.config import load_params
 from pipeline.data import load_dataset, prepare
 from pipeline.evaluation import word_metrics
+from pipeline.model import build_model
+from pipeline.overrides import apply_overrides
+from pipeline.paths import ExamplePaths
 from pipeline.sampling import complete_word, make_generator
 from pipeline.tracking import Tracker
 from pipeline.training import train
 
-from .conftest import ROOT, TINY, same_weights
+from .helpers import ROOT, TINY, same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +228,9 @@ def test_toy_defaults_learn_the_words_and_complete_cor(project):
     prepare(params.data, paths)
     dataset = load_dataset(paths)
     cpu = torch.device("cpu")
-    model = train(build_model(params, dataset.vocab.size), dataset, params.train, cpu, progress=False).model
+    model = train(
+        build_model(params.model, dataset.vocab.size, params.train.seed), dataset, params.train, cpu, progress=False
+    ).model
     metrics = word_metrics(model, dataset, params.evaluate.words, cpu)
     assert metrics["valid_share"] >= 0.97 and metrics["coverage"] >= 0.85
     completion = complete_word(model, dataset.vocab, "COR", params.sample, make_generator(0, cpu), cpu)

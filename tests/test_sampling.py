@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.commands import build_model
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
+from pipeline.model import build_model
 from pipeline.sampling import (
     check_prompts,
     complete_word,
@@ -17,7 +17,7 @@ from pipeline.sampling import (
     sample_words,
 )
 
-from .conftest import tiny_params
+from .helpers import tiny_params
 
 
 def test_a_prompt_with_unknown_characters_names_them():
@@ -28,7 +28,7 @@ def test_a_prompt_with_unknown_characters_names_them():
 
 def test_sampled_words_start_with_the_prefix_and_stop_at_the_boundary(toy):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     words = sample_words(model, dataset.vocab, "CO", 20, 5, 1.0, None, make_generator(0, "cpu"), "cpu")
     assert len(words) == 20
     assert all(w.startswith("CO") and " " not in w and len(w) <= 7 for w in words)
@@ -36,7 +36,7 @@ def test_sampled_words_start_with_the_prefix_and_stop_at_the_boundary(toy):
 
 def test_word_completion_reports_greedy_answer_and_probabilities(toy):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     completion = complete_word(model, dataset.vocab, "COR", params.sample, make_generator(0, "cpu"), "cpu")
     assert completion.answer.startswith("COR") and len(completion.samples) == params.sample.num_samples
     probs = [p for _, p in completion.next_chars]
@@ -47,14 +47,14 @@ def test_text_samples_are_seeded(project):
     params = tiny_params("shakespeare")
     vocab = Vocabulary.from_text((project / "data/shakespeare/input.txt").read_text())
     torch.manual_seed(0)
-    model = build_model(params, vocab.size)
+    model = build_model(params.model, vocab.size, params.train.seed)
     first, second = (sample_report(model, vocab, params.sample, False, "cpu") for _ in range(2))
     assert first == second
     assert first.count("prompt 'ROMEO:'") == params.sample.num_samples
 
 
 VOCAB = Vocabulary.from_text(" ACELNORST")
-TINY_MODEL = build_model(tiny_params("toy"), VOCAB.size).eval()  # block_size 8: longer prompts are cropped
+TINY_MODEL = build_model(tiny_params("toy").model, VOCAB.size, 1337).eval()  # block_size 8: longer prompts are cropped
 
 
 @settings(max_examples=40, deadline=None)

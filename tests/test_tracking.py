@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import commands
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.stages.evaluate import evaluate_example
+from pipeline.stages.train import train_example
 from pipeline.tracking import (
     SERVER_TIMEOUT,
     Tracker,
@@ -23,7 +24,7 @@ from pipeline.tracking import (
 )
 from pipeline.training import EvalRecord, StepRecord
 
-from .conftest import RESUMABLE, ROOT, TINY, cli, cli_env, prepared_project
+from .helpers import RESUMABLE, ROOT, TINY, cli, cli_env, prepared_project
 
 
 def test_flatten_joins_nested_keys():
@@ -121,8 +122,8 @@ def test_a_shared_mlflow_server_gets_the_runs_and_artifacts(mlflow_server, toy, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     tracker = Tracker.for_project(paths.root)
     assert tracker.uri == url
-    commands.train_example(params, paths, tracker, progress=False)
-    commands.evaluate_example(params, paths, tracker)
+    train_example(params, paths, tracker, progress=False)
+    evaluate_example(params, paths, tracker)
     run_id = load_run_id(paths.run_info, tracker)
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and "eval.val.loss" in run.data.metrics

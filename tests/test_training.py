@@ -6,26 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import commands
 from pipeline.checkpoint import TrainingCheckpoints, load_resume_point
-from pipeline.commands import build_model
+from pipeline.device import autocast, pick_device, to_device, uses_bf16, uses_compile
 from pipeline.errors import Diverged, PipelineError, Stopped
+from pipeline.model import build_model
+from pipeline.stages import train as train_stage
 from pipeline.training import (
     EVAL_TOKENS,
-    autocast,
+    TrainCallbacks,
     fixed_batches,
     learning_rate_at,
-    pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
-    to_device,
     train,
-    uses_bf16,
-    uses_compile,
 )
 
-from .conftest import tiny_params
+from .helpers import tiny_params
 
 
 def schedule(**overrides):
@@ -54,11 +51,11 @@ def test_training_lowers_the_loss_and_evaluates_on_schedule(toy):
     params, _, dataset = toy
     seen = []
     result = train(
-        build_model(params, dataset.vocab.size),
+        build_model(params.model, dataset.vocab.size, params.train.seed),
         dataset,
-        params.train,
-        torch.device("cpu"),
-        on_eval=seen.append,
+        params=params.train,
+        device=torch.device("cpu"),
+        callbacks=TrainCallbacks(on_eval=seen.append),
         progress=False,
     )
     assert [e.step for e in seen] == [20, 40, 60] and result.evals == seen
@@ -72,8 +69,8 @@ def test_same_seed_same_run_whatever_the_global_rng(toy):
     runs = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        model = build_model(params, dataset.vocab.size)
-        runs.append(train(model, dataset, params.train, torch.device("cpu"), progress=False))
+        model = build_model(params.model, dataset.vocab.size, params.train.seed)
+        runs.append(train(model, dataset, params=params.train, device=torch.device("cpu"), progress=False))
     assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.equal(a, b)
@@ -82,17 +79,17 @@ def test_same_seed_same_run_whatever_the_global_rng(toy):
 def test_another_seed_another_run(toy):
     params, _, dataset = toy
     other = tiny_params("toy", "toy.train.seed=7")
-    first, second = (build_model(p, dataset.vocab.size) for p in (params, other))
+    first, second = (build_model(p.model, dataset.vocab.size, p.train.seed) for p in (params, other))
     assert not torch.equal(first.lm_head.weight, second.lm_head.weight)
 
 
 def test_a_diverging_run_stops_with_the_step(toy):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(PipelineError, match="diverged.*step 1"):
-        train(model, dataset, params.train, torch.device("cpu"), progress=False)
+        train(model, dataset, params=params.train, device=torch.device("cpu"), progress=False)
 
 
 def test_auto_device_is_usable_and_an_absent_cuda_is_named():
@@ -125,11 +122,11 @@ def test_threads_apply_while_training_and_are_restored_after(toy):
     before, seen = torch.get_num_threads(), []
     p = tiny_params("toy", "toy.train.threads=1", "toy.train.max_steps=10").train
     train(
-        build_model(params, dataset.vocab.size),
+        build_model(params.model, dataset.vocab.size, params.train.seed),
         dataset,
-        p,
-        torch.device("cpu"),
-        lambda r: seen.append(torch.get_num_threads()),
+        params=p,
+        device=torch.device("cpu"),
+        callbacks=TrainCallbacks(on_step=lambda r: seen.append(torch.get_num_threads())),
         progress=False,
     )
     assert seen == [1] * 10 and torch.get_num_threads() == before
@@ -139,13 +136,29 @@ def test_a_compiled_run_learns_repeats_bit_identically_and_saves_plain_weights(t
     """Compiling changes the kernels, not the run: same seed, same losses; keys without `_orig_mod.`."""
     params, _, dataset = toy
     p = tiny_params("toy", "toy.train.compile=true", "toy.train.max_steps=30", "toy.train.eval_interval=30").train
-    runs = [train(build_model(params, dataset.vocab.size), dataset, p, torch.device("cpu"), progress=False)]
-    runs.append(train(build_model(params, dataset.vocab.size), dataset, p, torch.device("cpu"), progress=False))
+    runs = [
+        train(
+            build_model(params.model, dataset.vocab.size, params.train.seed),
+            dataset,
+            params=p,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+    ]
+    runs.append(
+        train(
+            build_model(params.model, dataset.vocab.size, params.train.seed),
+            dataset,
+            params=p,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
     assert runs[0].evals[-1].train_loss < runs[0].history[0].train_loss
     keys = set(runs[0].model.state_dict())
-    assert keys == set(build_model(params, dataset.vocab.size).state_dict())
+    assert keys == set(build_model(params.model, dataset.vocab.size, params.train.seed).state_dict())
     assert not any("_orig_mod" in k for k in keys)
 
 
@@ -156,7 +169,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: cov
 def test_cuda_training_uses_bf16_autocast_fused_adamw_tf32_and_compile(toy):
     params, _, dataset = toy
     torch._dynamo.reset()
-    result = train(build_model(params, dataset.vocab.size), dataset, params.train, torch.device("cuda"), progress=False)
+    result = train(
+        build_model(params.model, dataset.vocab.size, params.train.seed),
+        dataset,
+        params=params.train,
+        device=torch.device("cuda"),
+        progress=False,
+    )
     assert result.optimizer.defaults["fused"] is True
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # `auto` compiles on CUDA
@@ -177,7 +196,7 @@ def test_attention_runs_on_the_flash_kernel_in_bf16(toy):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size).cuda()
+    model = build_model(params.model, dataset.vocab.size, params.train.seed).cuda()
     idx = torch.randint(dataset.vocab.size, (4, params.model.block_size), device="cuda")
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), autocast(torch.device("cuda"), "auto"):
         _, loss = model(idx, idx)  # raises if the flash kernel cannot take these inputs
@@ -188,7 +207,7 @@ def test_attention_runs_on_the_flash_kernel_in_bf16(toy):
 @CUDA
 def test_cached_sampling_on_cuda_gives_the_same_tokens(toy):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size).cuda().eval()
+    model = build_model(params.model, dataset.vocab.size, params.train.seed).cuda().eval()
     start = torch.zeros(3, 1, dtype=torch.long, device="cuda")
     outs = [model.generate(start, 12, 0.0, None, None, use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(outs[0], outs[1])
@@ -207,19 +226,26 @@ def stop_before(step: int):
 def test_a_stopped_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(toy, tmp_path):
     _, _, dataset = toy
     params, cpu = tiny_params("toy", "toy.model.dropout=0.1"), torch.device("cpu")  # dropout: the RNG state counts
-    whole = train(build_model(params, dataset.vocab.size), dataset, params.train, cpu, progress=False)
+    whole = train(
+        build_model(params.model, dataset.vocab.size, params.train.seed),
+        dataset,
+        params=params.train,
+        device=cpu,
+        progress=False,
+    )
 
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
     saved = saver(tmp_path, model, dataset)
     with pytest.raises(Stopped):
-        train(model, dataset, params.train, cpu, progress=False, on_checkpoint=saved.save, stop=stop_before(31))
+        callbacks = TrainCallbacks(on_checkpoint=saved.save, stop=stop_before(31))
+        train(model, dataset, params=params.train, device=cpu, progress=False, callbacks=callbacks)
     point = load_resume_point(tmp_path / "latest.pt")
     assert point.state.step == 30 and [e.step for e in point.state.evals] == [20]
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 20
 
-    resumed_model = build_model(params, dataset.vocab.size)
+    resumed_model = build_model(params.model, dataset.vocab.size, params.train.seed)
     resumed_model.load_state_dict(point.model_state)
-    resumed = train(resumed_model, dataset, params.train, cpu, progress=False, resume=point.state)
+    resumed = train(resumed_model, dataset, params=params.train, device=cpu, progress=False, resume=point.state)
     assert resumed.evals == whole.evals
     assert [h.train_loss for h in resumed.history] == [h.train_loss for h in whole.history]
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
@@ -228,7 +254,7 @@ def test_a_stopped_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(toy,
 
 def test_nan_injected_mid_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(toy, tmp_path):
     params, _, dataset = toy
-    model = build_model(params, dataset.vocab.size)
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
 
     def poison_after_step_25(record):
         if record.step == 25:
@@ -237,7 +263,8 @@ def test_nan_injected_mid_run_stops_at_that_step_and_keeps_the_last_good_checkpo
 
     saved = saver(tmp_path, model, dataset)
     with pytest.raises(Diverged, match="training diverged: loss is nan at step 26") as error:
-        train(model, dataset, params.train, torch.device("cpu"), poison_after_step_25, None, False, None, saved.save)
+        callbacks = TrainCallbacks(on_step=poison_after_step_25, on_checkpoint=saved.save)
+        train(model, dataset, params=params.train, device=torch.device("cpu"), callbacks=callbacks, progress=False)
     assert error.value.step == 26
     point = load_resume_point(tmp_path / "latest.pt")
     assert point.state.step == 20
@@ -256,7 +283,7 @@ def test_rng_states_round_trip_through_a_safe_load(tmp_path):
 
 def test_a_diverging_training_names_the_step_and_the_checkpoint_kept_and_fails_its_run(toy, tracker, monkeypatch):
     params, paths, _ = toy
-    build = commands.build_model
+    build = train_stage.build_model
 
     def build_with_nan_after_25_steps(*args):
         """Fault injection: from the 26th training forward pass on, the logits are NaN."""
@@ -267,9 +294,9 @@ def test_a_diverging_training_names_the_step_and_the_checkpoint_kept_and_fails_i
         )
         return model
 
-    monkeypatch.setattr(commands, "build_model", build_with_nan_after_25_steps)
+    monkeypatch.setattr(train_stage, "build_model", build_with_nan_after_25_steps)
     with pytest.raises(Diverged) as error:
-        commands.train_example(params, paths, tracker, progress=False)
+        train_stage.train_example(params, paths, tracker, progress=False)
     assert str(error.value) == (
         f"toy: training diverged: loss is nan at step 26; the last good checkpoint, step 20, "
         f"stays in {paths.latest_checkpoint}"

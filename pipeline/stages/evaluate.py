@@ -1,0 +1,40 @@
+"""The evaluate stage: reads the checkpoint, the prepared data and `<ex>.evaluate`; writes
+models/<ex>/metrics.json; logs the `eval.*` metrics and `evaluate.*` tags into the model's run."""
+
+import dataclasses
+import json
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import load_dataset
+from pipeline.device import pick_device
+from pipeline.errors import PipelineError
+from pipeline.evaluation import split_metrics, word_metrics
+from pipeline.files import write_json
+from pipeline.interrupts import stop_on_signals
+from pipeline.paths import ExamplePaths
+from pipeline.schema import ExampleParams
+from pipeline.tracking import Tracker, flatten, load_run_id
+
+
+def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> dict:
+    """Whole-split loss, perplexity, bits per character (and word metrics) into metrics.json."""
+    tracker = tracker or Tracker.for_project()
+    run_id = load_run_id(paths.run_info, tracker)
+    device = pick_device(params.train.device)
+    checkpoint = load_checkpoint(paths.checkpoint, device)
+    dataset = load_dataset(paths)
+    if checkpoint.vocab != dataset.vocab:
+        raise PipelineError(f"{paths.checkpoint} was trained on another vocabulary than {paths.meta}: train again")
+    with stop_on_signals(at_once=True), tracker.active(run_id):
+        metrics = {
+            split: split_metrics(checkpoint.model, dataset, split, params.evaluate, device, params.train.precision)
+            for split in ("train", "val")
+        }
+        if params.evaluate.words is not None:
+            metrics["words"] = word_metrics(checkpoint.model, dataset, params.evaluate.words, device)
+        write_json(paths.metrics, metrics)
+        tracker.log_metrics(run_id, flatten(metrics, "eval."), checkpoint.step)
+        tracker.set_tags(run_id, flatten(dataclasses.asdict(params.evaluate), "evaluate."))
+        tracker.log_artifacts(run_id, [paths.metrics])
+    print(json.dumps(metrics, indent=2))
+    return metrics

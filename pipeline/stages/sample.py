@@ -1,0 +1,29 @@
+"""The sample stage: reads the checkpoint and `<ex>.sample`; writes models/<ex>/samples.txt; logs it
+and the `sample.*` tags into the model's run."""
+
+import dataclasses
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.device import pick_device
+from pipeline.files import write_text
+from pipeline.interrupts import stop_on_signals
+from pipeline.paths import ExamplePaths
+from pipeline.sampling import check_prompts, sample_report
+from pipeline.schema import ExampleParams
+from pipeline.tracking import Tracker, flatten, load_run_id
+
+
+def sample_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> str:
+    """Write samples (text, or word completions) from the trained model."""
+    tracker = tracker or Tracker.for_project()
+    device = pick_device(params.train.device)
+    checkpoint = load_checkpoint(paths.checkpoint, device)
+    check_prompts(checkpoint.vocab, params.sample.prompts, params.data.kind == "words")
+    run_id = load_run_id(paths.run_info, tracker)
+    with stop_on_signals(at_once=True), tracker.active(run_id):
+        report = sample_report(checkpoint.model, checkpoint.vocab, params.sample, params.data.kind == "words", device)
+        write_text(paths.samples, report)
+        tracker.set_tags(run_id, flatten(dataclasses.asdict(params.sample), "sample."))
+        tracker.log_artifacts(run_id, [paths.samples])
+    print(report)
+    return report

@@ -1,0 +1,39 @@
+"""The tune stage: reads the prepared data and `<ex>.data`, `<ex>.model`, `<ex>.train`, `<ex>.tune`;
+runs (or continues) an Optuna sweep, each trial a tracked training run; writes models/<ex>/tune.json
+and models/<ex>/tune/ (best parameters, trial table, pictures); logs a parent run with one child
+run per trial, and registers the best trial's model."""
+
+from pipeline.interrupts import stop_on_signals
+from pipeline.paths import ExamplePaths
+from pipeline.schema import ExampleParams
+from pipeline.tracking import Tracker, register_model
+from pipeline.tuning.reports import SweepSummary, best_run_id, log_sweep, save_sweep_outputs, summarize, sweep_report
+from pipeline.tuning.space import parse_tune
+from pipeline.tuning.storage import quiet_optuna, safe_url
+from pipeline.tuning.sweep import prepare_sweep, run_workers
+
+
+def tune_example(
+    params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None, *, progress: bool = True
+) -> SweepSummary:
+    """Optuna sweep over the params' tune.space, each trial a tracked training run."""
+    tune = parse_tune(params, paths.example)
+    tracker = tracker or Tracker.for_project()
+    quiet_optuna()
+    sweep, study, queued = prepare_sweep(params, tune, paths, tracker)
+    print(
+        f"{paths.example}: study '{sweep.study_name}' in {safe_url(sweep.storage_url)}: {queued} trial(s) queued "
+        f"to reach {tune.trials}, {tune.workers} worker(s); MLflow parent run {sweep.parent_run_id}"
+    )
+    with stop_on_signals(at_once=True), tracker.active(sweep.parent_run_id):
+        run_workers(sweep, tune.workers, progress)
+        summary = summarize(study)
+        files = save_sweep_outputs(study, summary, sweep, paths)
+        log_sweep(tracker, sweep, summary, files)
+        if tune.register_as and summary.best and summary.best.user_attrs.get("checkpoint"):
+            version, champion = register_model(
+                tracker, tune.register_as, best_run_id(summary), "checkpoint", summary.best.value
+            )
+            print(f"registered {tune.register_as} version {version}" + (" as @champion" * champion))
+    print(sweep_report(summary, sweep, paths))
+    return summary

@@ -1,0 +1,247 @@
+"""A sweep's trials: each one run of the pipeline's training loop, tracked in MLflow.
+
+The coordinator creates the study and queues exactly the missing trials before any worker starts;
+workers only ever claim queued trials, so any number of them, on any number of machines, run
+exactly the requested total.
+"""
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import Dataset, check_data_fits, load_dataset
+from pipeline.device import pick_device
+from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.paths import ExamplePaths
+from pipeline.schema import ExampleParams
+from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
+from pipeline.training import TrainCallbacks, train
+from pipeline.tuning.space import TuneParams, apply_values, baseline_values, check_space, suggest
+from pipeline.tuning.storage import (
+    check_study_settings,
+    claim_lock,
+    claim_trial,
+    heartbeat,
+    open_storage,
+    open_study,
+    quiet_optuna,
+    safe_url,
+    storage_url,
+    study_name,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Everything a worker needs to join a sweep: plain data, so it crosses to worker processes."""
+
+    params: ExampleParams
+    tune: TuneParams
+    paths: ExamplePaths
+    store_root: Path  # where the embedded Optuna and MLflow stores live: the workspace, in a DVC experiment
+    storage_url: str
+    study_name: str
+    parent_run_id: str
+
+
+def trial_tags(sweep: Sweep, trial: optuna.Trial, device: torch.device) -> dict:
+    return run_tags(sweep.paths.example, device) | {
+        "mlflow.parentRunId": sweep.parent_run_id,
+        "optuna.study": sweep.study_name,
+        "optuna.trial_number": str(trial.number),
+        "optuna.storage": safe_url(sweep.storage_url),
+        "baseline": str(bool(trial.user_attrs.get("baseline"))),
+    }
+
+
+def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: str, result, vocab) -> None:
+    """Log the trial's checkpoint when it beats every finished trial, so the best model can be registered."""
+    done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if done and result.evals[-1].val_loss >= min(done):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ckpt.pt"
+        save_checkpoint(path, result.model, result.optimizer, vocab, result.steps, result.best_val_loss)
+        tracker.log_artifacts(run_id, [path], "checkpoint")
+    trial.set_user_attr("checkpoint", "checkpoint/ckpt.pt")
+
+
+def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Tracker, device) -> float:
+    """The objective: train with the trial's values, report every evaluation, return the final val loss."""
+    params = apply_values(sweep.params, sweep.tune, suggest(trial, sweep.tune.space, sweep.params.model.n_embd))
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
+    run_params = flatten({key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")})
+    run_id = tracker.start_run(
+        sweep.paths.example + "-tune",
+        f"trial-{trial.number}",
+        trial_tags(sweep, trial, device),
+        run_params | {"num_params": model.num_params(), "vocab_size": dataset.vocab.size},
+    )
+    trial.set_user_attr("mlflow_run_id", run_id)
+    logger = TrainingLogger(tracker, run_id)
+
+    def report(record):
+        logger.on_eval(record)
+        trial.report(record.val_loss, record.step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"val loss {record.val_loss:.4f} at step {record.step}")
+
+    with tracker.active(run_id, clean_exits=(optuna.TrialPruned,)):
+        try:
+            callbacks = TrainCallbacks(on_step=logger.on_step, on_eval=report)
+            result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
+        except BaseException as e:
+            state = "PRUNED" if isinstance(e, optuna.TrialPruned) else "FAIL"
+            logger.flush()
+            tracker.set_tags(run_id, {"optuna.trial_state": state, "error": str(e)[:500]})
+            raise
+        logger.flush()
+        val_loss = result.evals[-1].val_loss
+        tracker.log_metrics(run_id, {"final_val_loss": val_loss, "train_seconds": result.seconds}, result.steps)
+        tracker.set_tags(run_id, {"optuna.trial_state": "COMPLETE"})
+        keep_if_best(sweep, trial, tracker, run_id, result, dataset.vocab)
+    return val_loss
+
+
+def run_one(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
+    """Run the objective and record its outcome; a diverged trial fails and the sweep goes on."""
+    started = time.perf_counter()
+    try:
+        value, state = objective(trial), TrialState.COMPLETE
+    except optuna.TrialPruned as e:
+        value, state = None, TrialState.PRUNED
+        trial.set_user_attr("pruned_at", str(e))
+    except PipelineError as e:  # divergence, or a configuration the data cannot serve
+        value, state = None, TrialState.FAIL
+        trial.set_user_attr("error", str(e))
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    study.tell(trial, value, state=state)
+    outcome = f"val loss {value:.4f}" if value is not None else trial.user_attrs.get("pruned_at", "")
+    if state == TrialState.FAIL:
+        outcome = trial.user_attrs.get("error", "")
+    print(f"trial {trial.number}: {state.name.lower()} in {time.perf_counter() - started:.1f} s {outcome}", flush=True)
+    return state
+
+
+def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
+    """A dead worker's trial was just marked failed: end its MLflow run the same way."""
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        tracker.set_tags(run_id, {"optuna.trial_state": "FAIL", "error": "worker stopped sending heartbeats"})
+        tracker.client.set_terminated(run_id, "FAILED")
+
+
+def worker_device(name: str, worker: int) -> torch.device:
+    """CUDA devices round-robin over workers (several workers may share one); else as configured."""
+    device = pick_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", worker % torch.cuda.device_count())
+    return device
+
+
+def run_worker(sweep: Sweep, worker: int = 0, workers: int = 1, on_trial=None) -> int:
+    """Claim and run queued trials until none are left; returns how many this worker ran."""
+    device = worker_device(sweep.params.train.device, worker)
+    if device.type == "cpu" and workers > 1:  # share the cores fairly instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    dataset, tracker = load_dataset(sweep.paths), Tracker.for_project(sweep.store_root)
+    storage = open_storage(sweep.storage_url, sweep.tune.heartbeat_seconds, lambda _, t: end_stale_run(tracker, t))
+    study = open_study(storage, sweep.tune, sweep.study_name, worker)
+    ran = 0
+    lock = claim_lock(sweep.storage_url, sweep.study_name)
+    while (trial := claim_trial(study, lock)) is not None:
+        with heartbeat(storage, trial, sweep.tune.heartbeat_seconds):
+            state = run_one(study, trial, lambda t: run_trial(sweep, t, dataset, tracker, device))
+        ran += 1
+        if on_trial:
+            on_trial(state)
+    return ran
+
+
+def _worker_process(sweep: Sweep, worker: int, workers: int) -> None:
+    quiet_optuna()
+    run_worker(sweep, worker, workers)
+
+
+def queue_missing_trials(study: optuna.Study, params: ExampleParams, tune: TuneParams) -> int:
+    """Queue trials up to `total`, the params.yaml configuration first; returns how many were queued."""
+    missing = max(0, tune.trials - len(study.get_trials(deepcopy=False)))
+    for number in range(missing):
+        if number == 0 and not study.get_trials(deepcopy=False):
+            study.enqueue_trial(baseline_values(params, tune.space), user_attrs={"baseline": True})
+        else:
+            study.enqueue_trial({})
+    return missing
+
+
+def parent_run(study: optuna.Study, params: ExampleParams, tune: TuneParams, paths, tracker: Tracker, url: str):
+    """The sweep's MLflow run: the one the study names when this store has it, else a new one."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    with contextlib.suppress(Exception):
+        if run_id and tracker.client.get_run(run_id):
+            return run_id
+    tags = run_tags(paths.example, pick_device(params.train.device)) | {
+        "optuna.study": study.study_name,
+        "optuna.storage": safe_url(url),
+    }
+    settings = dataclasses.asdict(tune) | {"storage": safe_url(url)}
+    run_id = tracker.start_run(paths.example + "-tune", study.study_name, tags, flatten(settings, "tune."))
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
+
+
+def run_workers(sweep: Sweep, workers: int, progress: bool) -> None:
+    """N worker processes (or this one alone), with a progress bar over the sweep's trials."""
+    from tqdm.auto import tqdm
+
+    study = open_study(open_storage(sweep.storage_url, sweep.tune.heartbeat_seconds), sweep.tune, sweep.study_name)
+    total = len(study.get_trials(deepcopy=False))
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    bar = tqdm(total=total, initial=done, desc="trials", unit="trial", disable=None if progress else True)
+    if workers == 1:
+        run_worker(sweep, on_trial=lambda _: bar.update())
+        bar.close()
+        return
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and open connections
+    processes = [context.Process(target=_worker_process, args=(sweep, i, workers)) for i in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(1)
+            bar.n = len(study.get_trials(deepcopy=False, states=FINISHED))
+            bar.refresh()
+    finally:
+        for process in processes:
+            process.join()
+        bar.close()
+    if failed := [p.exitcode for p in processes if p.exitcode != 0]:
+        raise PipelineError(f"{len(failed)} of {workers} sweep workers failed (exit codes {failed}); see above")
+
+
+def prepare_sweep(
+    params: ExampleParams, tune: TuneParams, paths: ExamplePaths, tracker: Tracker
+) -> tuple[Sweep, optuna.Study, int]:
+    """Check everything, create the study and its parent run, queue the missing trials."""
+    check_data_fits(load_dataset(paths), params.model.block_size, paths.example)
+    check_space(params, tune)
+    url = storage_url(tune, tracker.root)
+    name = study_name(params, tune, paths.example)
+    study = open_study(open_storage(url, tune.heartbeat_seconds), tune, name)
+    check_study_settings(study, params, tune)
+    parent_run_id = parent_run(study, params, tune, paths, tracker, url)
+    queued = queue_missing_trials(study, params, tune)
+    return Sweep(params, tune, paths, tracker.root, url, name, parent_run_id), study, queued
