@@ -1,9 +1,4 @@
-import glob
-import os
 import shutil
-import socket
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +8,7 @@ from pipeline.data import load_dataset, prepare
 from pipeline.paths import ExamplePaths
 
 from .helpers import copy_inputs, tiny_params, write_tiny_params
+from .postgres import postgres_url  # noqa: F401 (a session fixture: a PostgreSQL server)
 
 
 @pytest.fixture
@@ -45,41 +41,6 @@ def tracker(tmp_path, empty_store):
 
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return Tracker.for_project(tmp_path)
-
-
-def _postgres_bin(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-    if not found:
-        pytest.fail(f"PostgreSQL's {name} is not installed: `apt-get install postgresql` (.ci/run does)")
-    return found
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A real PostgreSQL server on loopback for this test session, in a temporary folder.
-
-    TEST_POSTGRES_URL names an existing server instead.
-    """
-    if url := os.environ.get("TEST_POSTGRES_URL"):
-        yield url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="pg-"))
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as Debian's `postgres` user
-        shutil.chown(folder, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    run = lambda *cmd: subprocess.run(as_user + list(cmd), check=True, capture_output=True, text=True)
-    run(_postgres_bin("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    run(_postgres_bin("pg_ctl"), "-D", str(folder / "data"), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        run(_postgres_bin("pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
