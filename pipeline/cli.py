@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--example", help="only runs of this example")
     compare.add_argument("--experiment", help="only runs of this MLflow experiment")
     compare.add_argument("--csv", type=Path, help="also save the table as CSV here")
+    shown = commands.add_parser(
+        "params",
+        help="every parameter of an example in force, defaults included, as YAML",
+        description="Print an example's parameters after the defaults and any --set/--set-file, checked as a stage would.",
+    )
+    shown.add_argument("--example", required=True, help="a section of the params file, e.g. toy")
+    shown.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
+    add_override_arguments(shown)
     return parser
 
 
@@ -140,12 +148,29 @@ def run_compare(args) -> None:
         write_text(args.csv, table.to_csv(index=False))
 
 
+def show_params(args) -> None:
+    import dataclasses
+
+    import yaml
+
+    from pipeline.config import example_params, load_params
+
+    params = example_params(load_params(args.params, given_overrides(args)), args.example, args.params)
+    values = {field.name: getattr(params, field.name) for field in dataclasses.fields(params)}
+    sections = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+    if params.tune is not None:
+        from pipeline.tuning.space import parse_tune
+
+        sections["tune"] = dataclasses.asdict(parse_tune(params, args.example))
+    print(yaml.safe_dump({args.example: sections}, sort_keys=False, allow_unicode=True), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "compare":
+    if args.command not in ("compare", "params"):
         return run_stage(args)
     try:
-        run_compare(args)
+        run_compare(args) if args.command == "compare" else show_params(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,10 @@ def run(stage: Callable, example: str, params_file: Path, overrides: list[str] =
 def stage_main(stage: Callable, argv: list[str] | None = None) -> int:
     """A DVC stage's command line: `--example` and `--params`; `python -m pipeline` has the rest."""
     summary = (stage.__doc__ or "").strip().splitlines()[0]
-    parser = argparse.ArgumentParser(description=f"{summary} (python -m pipeline --help has every command)")
+    name = stage.__module__.rsplit(".", 1)[-1]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}", description=f"{summary} (python -m pipeline --help has every command)"
+    )
     parser.add_argument("--example", required=True, help="a section of the params file, e.g. toy")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
     args = parser.parse_args(argv)

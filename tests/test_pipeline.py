@@ -1,5 +1,6 @@
 """The real pipeline: `dvc repro` and `dvc exp run` in a copy of the project, with tiny parameters."""
 
+import ast
 import json
 import os
 import shutil
@@ -17,13 +18,12 @@ from pipeline.config import load_params
 from pipeline.data import load_dataset, prepare
 from pipeline.evaluation import word_metrics
 from pipeline.model import build_model
-from pipeline.overrides import apply_overrides
 from pipeline.paths import ExamplePaths
 from pipeline.sampling import complete_word, make_generator
 from pipeline.tracking import Tracker
 from pipeline.training import train
 
-from .helpers import ROOT, TINY, same_weights
+from .helpers import ROOT, same_weights, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,7 @@ def repo(tmp_path_factory):
     for name in project_files():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, path / name)
-    raw = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY["toy"] + TINY["shakespeare"])
-    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_tiny_params(path / "params.yaml")
     run(path, "git", "init", "-q")
     commit(path, "project")
     result = run(path, "dvc", "repro")
@@ -78,15 +77,23 @@ def commit(path: Path, message: str) -> None:
     run(path, "git", "commit", "-qm", message)
 
 
+def every_stage(params_file: Path = ROOT / "params.yaml") -> set[str]:
+    """Every stage of dvc.yaml, for every example the params file lists."""
+    lists = yaml.safe_load(params_file.read_text())
+    return {f"{s}@{e}" for s in STAGES if s != "tune" for e in lists["examples"]} | {
+        f"tune@{e}" for e in lists["sweeps"]
+    }
+
+
 def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def test_repro_runs_every_stage_and_writes_every_output(repo):
     path, output = repo
-    stages = {f"{s}@{e}" for s in STAGES if s != "tune" for e in ("toy", "shakespeare")}
-    assert ran_stages(output) == stages | {"tune@toy"}
-    assert {"best_params.yaml", "trials.csv", "history.png"} <= {p.name for p in (path / "models/toy/tune").iterdir()}
+    assert ran_stages(output) == every_stage()
+    assert {"best_params.yaml", "trials.csv"} <= {p.name for p in (path / "models/toy/tune").iterdir()}
+    assert {"history.png", "intermediate.png"} <= {p.name for p in (path / "models/toy/tune-plots").iterdir()}
     assert yaml.safe_load((path / "models/toy/tune.json").read_text())["trials"] == 3
     for example in ("toy", "shakespeare"):
         for name in OUTPUTS:
@@ -252,21 +259,94 @@ except SystemExit as e:
     assert not e.code, e.code
 sys.setprofile(None)
 print("RAN", json.dumps(sorted(ran)))
+print("IMPORTED", json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None))))
 """
 
 
-def code_that_ran(path: Path, stage: str) -> set[str]:
-    output = run(path, sys.executable, "-c", PROFILE.format(stage=stage))
-    files = yaml.safe_load(output.split("RAN ", 1)[1].splitlines()[0])
+def project_modules(path: Path, output: str, label: str) -> set[str]:
+    files = yaml.safe_load(output.split(f"{label} ", 1)[1].splitlines()[0])
     return {str(Path(f).relative_to(path)) for f in files if f.startswith(str(path)) and "/.venv/" not in f}
 
 
+def holds_code(path: Path) -> bool:
+    """More than a docstring: an `__init__.py` that only documents its package is not a dependency."""
+    body = ast.parse(path.read_text()).body
+    return len(body) > 1 or (bool(body) and not isinstance(body[0], ast.Expr))
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_lists_every_module_whose_code_it_runs(repo, stage):
-    """Runs the stage with a profiler: a module it calls into but does not list would leave results stale."""
+def test_each_stage_lists_exactly_the_modules_it_imports_and_runs(repo, stage):
+    """Runs the stage with a profiler: a module it imports or calls into but does not list would leave
+    results stale; one it lists but does not import would re-run it for nothing."""
     path, _ = repo
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]["deps"]
     listed = {d for d in deps if d.endswith(".py")}
-    ran = code_that_ran(path, stage)
-    assert f"stages/{stage}.py" in listed and "pipeline/cli.py" in ran
+    output = run(path, sys.executable, "-c", PROFILE.format(stage=stage))
+    ran, imported = project_modules(path, output, "RAN"), project_modules(path, output, "IMPORTED")
+    assert f"stages/{stage}.py" in listed and f"pipeline/stages/{stage}.py" in ran
     assert ran <= listed, f"{stage} runs code from {sorted(ran - listed)} without listing it in dvc.yaml"
+    imported_code = {f for f in imported if holds_code(path / f)}
+    assert imported_code == listed, f"imported, not listed: {imported_code - listed}; listed: {listed - imported_code}"
+    assert "pipeline/cli.py" not in imported
+
+
+def downstream(stage: str) -> set[str]:
+    """The stages that consume `stage`'s outputs, directly or not."""
+    consumers = {"prepare": {"train", "evaluate", "tune"}, "train": {"evaluate", "sample", "inspect"}}
+    found = set(consumers.get(stage, ()))
+    for consumer in list(found):
+        found |= downstream(consumer)
+    return found
+
+
+def stages_after_editing(path: Path, module: str) -> set[str]:
+    """The stages `dvc status` lists once `module` gets one more comment line (then put back)."""
+    file = path / module
+    original = file.read_bytes()
+    try:
+        file.write_bytes(original + b"# an edit\n")
+        return set(json.loads(run(path, "dvc", "status", "--json")))
+    finally:
+        file.write_bytes(original)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_editing_a_stage_module_lists_only_that_stage_and_its_consumers(repo, stage):
+    path, _ = repo
+    listed = stages_after_editing(path, f"pipeline/stages/{stage}.py")
+    own = {name for name in every_stage(path / "params.yaml") if name.startswith(f"{stage}@")}
+    assert own and own <= listed
+    assert {name.split("@")[0] for name in listed} <= {stage} | downstream(stage)
+
+
+@pytest.mark.parametrize("module", ["pipeline/cli.py", "pipeline/compare.py"])
+def test_editing_what_only_the_command_line_uses_lists_no_stage(repo, module):
+    """The help texts, the flags and `compare` live in modules no stage imports."""
+    path, _ = repo
+    assert stages_after_editing(path, module) == set()
+
+
+POEMS = "".join(f"{line}\n" for line in ["the sea is wide", "the wind is cold", "a ship comes home"] * 60)
+
+
+def test_a_third_example_is_a_text_file_a_section_and_a_name(repo, tmp_path):
+    """No code changes: the input file, a few params lines, the name in the list, then `dvc repro`."""
+    source, _ = repo
+    path = tmp_path / "project"
+    shutil.copytree(source, path, symlinks=True)
+    (path / "data" / "poems").mkdir()
+    (path / "data" / "poems" / "input.txt").write_text(POEMS)
+    params = (path / "params.yaml").read_text()
+    params = params.replace("examples:\n- toy\n", "examples:\n- toy\n- poems\n", 1)
+    section = {"data": {"kind": "text"}, **{key: {} for key in ("model", "train", "evaluate", "sample", "inspect")}}
+    (path / "params.yaml").write_text(params + yaml.safe_dump({"poems": section}))
+    write_tiny_params(path / "params.yaml", path / "params.yaml")
+
+    output = run(path, "dvc", "repro")
+    assert ran_stages(output) == {f"{stage}@poems" for stage in STAGES if stage != "tune"}
+    assert "poems" in load_params(path / "params.yaml")
+    for name in OUTPUTS:
+        assert (path / "models" / "poems" / name).stat().st_size > 0, name
+    table = runs_table(Tracker.for_project(path), experiment="poems")
+    assert len(table) == 1 and Tracker.for_project(path).client.get_run(table.run_id[0]).info.status == "FINISHED"
+    assert "Data and pipelines are up to date" in run(path, "dvc", "repro")
