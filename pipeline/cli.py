@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     shown = commands.add_parser(
         "params",
         help="every parameter of an example in force, defaults included, as YAML",
-        description="Print an example's parameters after the defaults and any --set/--set-file, checked as a stage would.",
+        description="Print an example's parameters: the defaults, the params file and any --set, checked.",
     )
     shown.add_argument("--example", required=True, help="a section of the params file, e.g. toy")
     shown.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
