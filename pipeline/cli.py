@@ -102,6 +102,7 @@ def tune_overrides(args) -> list[str]:
 def run_stage(args) -> None:
     from pipeline import commands
     from pipeline.config import ExamplePaths, example_params, load_params
+    from pipeline.locks import example_lock
     from pipeline.tracking import Tracker
 
     overrides = given_overrides(args)
@@ -110,20 +111,21 @@ def run_stage(args) -> None:
         overrides.append(f"{args.example}.inspect.prompts={json.dumps(args.prompts)}")
     params = example_params(load_params(args.params, overrides), args.example, args.params)
     paths = ExamplePaths(Path.cwd(), args.example)
-    if args.command == "prepare":
-        commands.prepare_example(params, paths)
-    elif args.command == "train":
-        commands.train_example(params, paths, Tracker.for_project(), not args.no_progress, args.fresh)
-    elif args.command == "tune":
-        from pipeline.tuning import tune_example
+    with example_lock(paths.model_dir):  # one writer per example; a second one stops here
+        if args.command == "prepare":
+            commands.prepare_example(params, paths)
+        elif args.command == "train":
+            commands.train_example(params, paths, Tracker.for_project(), not args.no_progress, args.fresh)
+        elif args.command == "tune":
+            from pipeline.tuning import tune_example
 
-        tune_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
-    elif args.command == "evaluate":
-        commands.evaluate_example(params, paths, Tracker.for_project())
-    elif args.command == "inspect":
-        commands.inspect_example(params, paths, Tracker.for_project())
-    else:
-        commands.sample_example(params, paths, Tracker.for_project())
+            tune_example(params, paths, Tracker.for_project(), progress=not args.no_progress)
+        elif args.command == "evaluate":
+            commands.evaluate_example(params, paths, Tracker.for_project())
+        elif args.command == "inspect":
+            commands.inspect_example(params, paths, Tracker.for_project())
+        else:
+            commands.sample_example(params, paths, Tracker.for_project())
 
 
 def run_compare(args) -> None:
@@ -133,7 +135,7 @@ def run_compare(args) -> None:
     from pipeline.files import write_text
     from pipeline.tracking import Tracker
 
-    tracker = Tracker.for_project()
+    tracker = Tracker.for_project(writable=False)
     table = runs_table(tracker, args.example, args.experiment)
     if table.empty:
         print(f"no runs in {tracker.uri}")

@@ -23,6 +23,10 @@ NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy accepts
 UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Tokens per sample: a whole play is ~100k characters. Each token is one forward pass, so 1e5 tokens
+# is minutes on a CPU per sample, and the (num_samples, prompt + max_new_tokens) token tensor and
+# the text stay small; a typo such as 1e9 would run for weeks and fill memory before writing anything.
+MAX_NEW_TOKENS = 100_000
 
 
 @dataclass(config=STRICT)
@@ -94,7 +98,7 @@ class EvaluateParams:
 class SampleParams:
     prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     num_samples: PositiveInt
-    max_new_tokens: PositiveInt
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
     temperature: NonNegativeFloat  # 0 is greedy
     top_k: NonNegativeInt | None  # 0 or null: no top-k cut
     seed: Seed
@@ -442,6 +446,11 @@ def read_params_file(path: Path) -> dict:
         raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(
+            f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start} ({e.reason}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict) or not raw:
