@@ -135,7 +135,7 @@ def run_compare(args) -> None:
     from pipeline.files import write_text
     from pipeline.tracking import Tracker
 
-    tracker = Tracker.for_project()
+    tracker = Tracker.for_project(writable=False)
     table = runs_table(tracker, args.example, args.experiment)
     if table.empty:
         print(f"no runs in {tracker.uri}")

@@ -183,15 +183,26 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None, use_cache: bool = True
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k=None,
+        generator=None,
+        use_cache: bool = True,
+        progress: bool = False,
     ):
         """Extend each sequence in `idx` (B, T) by sampling `max_new_tokens` tokens.
 
         `temperature` 0 means greedy decoding. The key/value cache gives the same tokens as
         `use_cache=False` (which recomputes the whole context for every token), only faster.
+        `progress`: a progress bar over the tokens, on a terminal only.
         """
+        from tqdm.auto import tqdm
+
         cache = None
-        for _ in range(max_new_tokens):
+        steps = tqdm(range(max_new_tokens), "sampling", unit="token", leave=False, disable=None if progress else True)
+        for _ in steps:
             if not use_cache or idx.size(1) > self.config.block_size:
                 logits, _ = self(idx[:, -self.config.block_size :])
             elif cache is None:  # fill the cache with the prompt

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import example_params, load_params
 from pipeline.errors import PipelineError
+from pipeline.locks import example_lock
 from pipeline.paths import ExamplePaths
 
 
@@ -15,7 +16,9 @@ def run(stage: Callable, example: str, params_file: Path, overrides: list[str] =
     """Call `stage(params, paths, **options)` for `example`; returns the exit status."""
     try:
         params = example_params(load_params(params_file, overrides), example, params_file)
-        stage(params, ExamplePaths(Path.cwd(), example), **options)
+        paths = ExamplePaths(Path.cwd(), example)
+        with example_lock(paths.model_dir):  # one writer per example; a second one stops here
+            stage(params, paths, **options)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

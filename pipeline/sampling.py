@@ -9,6 +9,8 @@ from pipeline.errors import PipelineError
 from pipeline.model import GPT
 from pipeline.schema import SampleParams
 
+PROGRESS_TOKENS = 2_000  # a generation this long takes seconds or more: show a progress bar (on a terminal)
+
 
 def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False) -> None:
     """Fail before any sampling if any prompt has a character the model has never seen.
@@ -38,6 +40,7 @@ def sample_texts(model: GPT, vocab: Vocabulary, prompt: str, params: SampleParam
         params.temperature,
         params.top_k,
         generator,
+        progress=params.max_new_tokens >= PROGRESS_TOKENS,
     )
     return [vocab.decode(row.tolist()) for row in out]
 

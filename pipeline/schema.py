@@ -20,7 +20,9 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy accepts
 Prompts = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MAX_NEW_TOKENS = 100_000  # a bound, so a typo cannot start a generation that never ends
+# Tokens per sample: a whole play is ~100k characters. Each token is one forward pass, so 1e5 tokens
+# is minutes on a CPU per sample; a typo such as 1e9 would run for weeks and fill memory first.
+MAX_NEW_TOKENS = 100_000
 
 
 @dataclass(config=STRICT)

@@ -122,13 +122,21 @@ class Tracker:
     root: Path
 
     @classmethod
-    def for_project(cls, root: Path | None = None) -> "Tracker":
+    def for_project(cls, root: Path | None = None, writable: bool = True) -> "Tracker":
+        """`writable`: fail now if the store cannot be written (a read-only SQLite file), not at the first write."""
+        from pipeline.stores import check_sqlite_writable, mlflow_store_problem
+
         root = root or project_root()
         uri = tracking_uri(root)
         check_server(uri)
+        if writable:
+            check_sqlite_writable(uri, "the MLflow store")
         # A new client creates a new store's tables, unguarded: two processes at once would collide
         with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
-            client = MlflowClient(tracking_uri=uri)
+            try:
+                client = MlflowClient(tracking_uri=uri)
+            except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
+                raise PipelineError(mlflow_store_problem(uri, e)) from None
         return cls(client, uri, root)
 
     def experiment_id(self, name: str) -> str:
@@ -138,8 +146,12 @@ class Tracker:
         location = (self.root / "mlartifacts" / name).as_uri() if local else None
         try:
             return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # another process created it a moment ago
-            return self.client.get_experiment_by_name(name).experiment_id
+        except MlflowException as e:  # another process created it a moment ago, or the store refuses writes
+            if experiment := self.client.get_experiment_by_name(name):
+                return experiment.experiment_id
+            from pipeline.stores import problem
+
+            raise PipelineError(f"cannot create MLflow experiment '{name}' in {self.uri}: {problem(e)}") from None
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict) -> str:
         try:

@@ -14,11 +14,13 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from pipeline.errors import PipelineError
+from pipeline.stores import check_sqlite_writable, problem
 from pipeline.schema import ExampleParams
 from pipeline.tuning.space import TuneParams
 
 # settings that do not change what a trial computes, so changing them continues the same study
 VOLATILE_KEYS = {"study", "storage", "trials", "workers", "heartbeat_seconds", "register_as"}
+SQLITE_BUSY_SECONDS = 60.0  # how long a worker waits for a SQLite study another process is writing
 
 
 def quiet_optuna() -> None:
@@ -47,8 +49,9 @@ def open_storage(url: str, heartbeat_seconds: int, on_stale_trial=None) -> optun
         backend = sqlalchemy.engine.make_url(url).get_backend_name()
     except sqlalchemy.exc.ArgumentError:
         raise PipelineError(f"tune.storage '{url}' is not a database URL (e.g. postgresql://user@host/db)") from None
+    check_sqlite_writable(url, "the Optuna storage")  # else the first write fails deep inside Optuna
     # SQLite: wait for a busy database instead of failing; servers: give up on a silent host fast
-    connect_args = {"sqlite": {"timeout": 60}, "postgresql": {"connect_timeout": 5}}.get(backend, {})
+    connect_args = {"sqlite": {"timeout": SQLITE_BUSY_SECONDS}, "postgresql": {"connect_timeout": 5}}.get(backend, {})
     try:
         storage = optuna.storages.RDBStorage(
             url,
@@ -58,7 +61,9 @@ def open_storage(url: str, heartbeat_seconds: int, on_stale_trial=None) -> optun
             heartbeat_stale_trial_callback=on_stale_trial,
         )
     except Exception as e:  # driver errors differ by database; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = problem(e)
+        if backend == "sqlite" and "database is locked" in reason:
+            reason += f": another process has held it for over {SQLITE_BUSY_SECONDS:g} s; wait for it, or stop it"
         raise PipelineError(f"cannot open the Optuna storage {safe_url(url)}: {reason}") from None
     return optuna.storages.get_storage(storage)
 

@@ -1,0 +1,62 @@
+"""The databases behind MLflow and Optuna: a broken, foreign or read-only one is one clear line.
+
+MLflow and SQLAlchemy report these as long tracebacks (a file that is not a database, a URI
+scheme nobody supports, a read-only file first noticed at the first write); here each becomes
+a PipelineError that names the store and the problem, before any work is done.
+"""
+
+import os
+import re
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+MLFLOW_SCHEMES = "sqlite:///<file>, postgresql://..., mysql://..., http(s)://<server> or file:<folder>"
+
+
+def hide_password(url: str) -> str:
+    """`postgresql://me:secret@host/db` -> `postgresql://me:***@host/db`."""
+    return re.sub(r"(://[^/:@]+:)[^/@]*@", r"\1***@", url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:///...` URL; None for any other URL or an in-memory database."""
+    if not url.startswith("sqlite:///"):  # sqlite:///relative/file or sqlite:////absolute/file
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def problem(error: BaseException) -> str:
+    """The first line of a driver's or MLflow's message, without SQLAlchemy's `(sqlite3.X) ` prefix."""
+    error = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
+    text = getattr(error, "message", None) or str(error)
+    line = next((line.strip() for line in str(text).splitlines() if line.strip()), type(error).__name__)
+    return re.sub(r"^\([\w.]+\)\s*", "", line)[:300]
+
+
+def check_sqlite_writable(url: str, what: str) -> None:
+    """Fail now, not at the first write, if the SQLite file behind `url` cannot be written.
+
+    `what` names the store in the message, e.g. "the MLflow store".
+    """
+    path = sqlite_file(url)
+    if path is None or not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise PipelineError(f"{what} {path} cannot be written ({e.strerror or e}): make it writable") from None
+    os.close(fd)
+
+
+def mlflow_store_problem(uri: str, error: BaseException) -> str:
+    """The one line for an MLflow store that a client cannot open."""
+    origin = " (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
+    shown = hide_password(uri)
+    if "unsupported URI" in str(error) or type(error).__name__.startswith("Unsupported"):
+        scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0]
+        return f"the MLflow store {shown}{origin} has an unsupported URI scheme '{scheme}': use {MLFLOW_SCHEMES}"
+    if path := sqlite_file(uri):
+        return f"the MLflow store {path}{origin} cannot be opened: {problem(error)}"
+    return f"the MLflow store {shown}{origin} cannot be opened: {problem(error)}"

@@ -1,0 +1,242 @@
+"""Broken stores and files stop the real command line with one `error:` line, exit status 2 and nothing
+written: no traceback.
+
+Read-only files: the tests run as root in CI, where chmod does not stop a write. There the file is made
+immutable with `chattr +i` (ext4, xfs, btrfs; the test is skipped where the filesystem lacks it), which
+stops root as well; as another user, a plain chmod 444 does.
+"""
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT, TINY, cli_env, prepared_project, run_cli
+
+FAST = TINY["toy"]
+
+
+def one_error(result) -> str:
+    """The command's only stderr line, after checking it failed cleanly with status 2."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_count(store: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+def nothing_trained(project: Path) -> bool:
+    folder = project / "models/toy"
+    return not folder.exists() or not any(folder.iterdir())
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` cannot be written while the block runs, even by root."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available on this filesystem, and chmod does not stop root")
+        undo = ["chattr", "-i", str(path)]
+    else:
+        path.chmod(0o444)
+        undo = ["chmod", "644", str(path)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.fixture
+def toy_project(tmp_path, empty_store):
+    """The toy example prepared, with an empty MLflow store."""
+    return prepared_project(tmp_path / "project", empty_store, FAST)
+
+
+# ---------------------------------------------------------------- the MLflow store
+
+
+def test_an_mlflow_db_that_is_not_a_database(tmp_path):
+    project = prepared_project(tmp_path / "project", None, FAST)
+    (project / "mlflow.db").write_bytes(b"garbage, not SQLite\n")
+    before = digest(project / "mlflow.db")
+    result = run_cli(project, "train", *FAST, flags=("--no-progress",))
+    store = project / "mlflow.db"
+    assert one_error(result) == f"error: the MLflow store {store} cannot be opened: file is not a database"
+    assert digest(project / "mlflow.db") == before and nothing_trained(project)
+
+
+def test_an_unsupported_tracking_uri(tmp_path):
+    project = prepared_project(tmp_path / "project", None, FAST)
+    result = run_cli(project, "train", *FAST, flags=("--no-progress",), env=cli_env(MLFLOW_TRACKING_URI="garbage://x"))
+    assert one_error(result) == (
+        "error: the MLflow store garbage://x (MLFLOW_TRACKING_URI) has an unsupported URI scheme 'garbage': "
+        "use sqlite:///<file>, postgresql://..., mysql://..., http(s)://<server> or file:<folder>"
+    )
+    assert not (project / "mlflow.db").exists() and nothing_trained(project)
+
+
+def test_a_read_only_mlflow_db_stops_writers_but_not_compare(toy_project):
+    store = toy_project / "mlflow.db"
+    before = digest(store)
+    with read_only(store):
+        result = run_cli(toy_project, "train", *FAST, flags=("--no-progress",))
+        compare_command = [sys.executable, "-m", "pipeline", "compare"]
+        compare = subprocess.run(compare_command, cwd=toy_project, env=cli_env(), capture_output=True, text=True)
+    line = one_error(result)  # Operation not permitted (chattr +i), or Permission denied (chmod 444)
+    assert line.startswith(f"error: the MLflow store {store} cannot be written (") and line.endswith(
+        "): make it writable"
+    )
+    assert digest(store) == before and run_count(store) == 0 and nothing_trained(toy_project)
+    assert compare.returncode == 0 and "no runs in" in compare.stdout, compare.stderr
+
+
+# ---------------------------------------------------------------- the params file
+
+
+def test_a_params_file_that_is_not_utf8(project):
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8").replace("# Parameters", "# Param\xe8tres", 1)
+    (project / "params.yaml").write_bytes(text.encode("latin-1"))
+    result = run_cli(project, "prepare", flags=("--params", "params.yaml"))
+    offset = text.index("\xe8")
+    assert one_error(result) == (
+        f"error: params.yaml is not UTF-8 text: byte 0xe8 at offset {offset} (invalid continuation byte); "
+        "save it as UTF-8"
+    )
+    assert not (project / "data/toy/prepared").exists() and not (project / "models").exists()
+
+
+# ---------------------------------------------------------------- the Optuna storage
+
+
+def test_an_optuna_db_that_is_not_a_database(toy_project):
+    (toy_project / "optuna.db").write_bytes(b"garbage, not SQLite\n")
+    result = run_cli(toy_project, "tune", *FAST, flags=("--no-progress",))
+    url = f"sqlite:///{toy_project / 'optuna.db'}"
+    assert one_error(result) == f"error: cannot open the Optuna storage {url}: file is not a database"
+    assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
+
+
+def make_optuna_db(path: Path) -> None:
+    import optuna
+
+    optuna.storages.RDBStorage(f"sqlite:///{path}").engine.dispose()
+
+
+def test_a_read_only_optuna_db(toy_project):
+    storage = toy_project / "optuna.db"
+    make_optuna_db(storage)
+    before = digest(storage)
+    with read_only(storage):
+        result = run_cli(toy_project, "tune", *FAST, flags=("--no-progress",))
+    line = one_error(result)
+    assert line.startswith(f"error: the Optuna storage {storage} cannot be written (") and line.endswith(
+        "): make it writable"
+    )
+    assert digest(storage) == before and run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
+
+
+TUNE_WITH_SHORT_WAIT = """
+import sys
+import pipeline.tuning.storage
+pipeline.tuning.storage.SQLITE_BUSY_SECONDS = 1  # the real wait is a minute
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_optuna_db_locked_by_another_process_for_longer_than_the_wait(toy_project):
+    storage = toy_project / "optuna.db"
+    make_optuna_db(storage)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_exclusively():  # another writer in the middle of a long transaction: nobody may even read
+        with contextlib.closing(sqlite3.connect(storage, isolation_level=None)) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            held.set()
+            release.wait(120)
+            db.execute("ROLLBACK")
+
+    holder = threading.Thread(target=hold_exclusively)
+    holder.start()
+    try:
+        held.wait(10)
+        sets = [arg for override in FAST for arg in ("--set", override)]
+        command = [sys.executable, "-c", TUNE_WITH_SHORT_WAIT, "tune", "--example", "toy", "--no-progress"]
+        command += ["--params", str(ROOT / "params.yaml"), *sets]
+        result = subprocess.run(command, cwd=toy_project, env=cli_env(), capture_output=True, text=True)
+    finally:
+        release.set()
+        holder.join()
+    url = f"sqlite:///{storage}"
+    assert one_error(result) == (
+        f"error: cannot open the Optuna storage {url}: database is locked: another process has held it for over "
+        "1 s; wait for it, or stop it"
+    )
+    assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_max_new_tokens_has_an_upper_bound(project):
+    result = run_cli(project, "sample", "toy.sample.max_new_tokens=1000000000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "toy.sample.max_new_tokens: Input should be less than or equal to 100000 (got 1000000000)" in result.stderr
+    assert not (project / "models").exists()
+
+
+GENERATE = """
+import torch
+from pipeline.model import GPT, GPTConfig
+model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False, vocab_size=5))
+out = model.generate(torch.zeros((1, 1), dtype=torch.long), 300, progress=True)
+print(out.shape[1])
+"""
+
+
+def generate_with_stderr(stderr) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", GENERATE]
+    return subprocess.run(command, env=cli_env(), stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120)
+
+
+def test_a_long_generation_shows_a_progress_bar_on_a_terminal_only():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    shown = []
+
+    def read_terminal():
+        with contextlib.suppress(OSError):  # EIO once the terminal is closed
+            while chunk := os.read(controller, 65536):
+                shown.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    try:
+        on_terminal = generate_with_stderr(terminal)
+    finally:
+        os.close(terminal)
+        reader.join(10)
+        os.close(controller)
+    assert on_terminal.stdout == "301\n"
+    assert b"sampling:" in b"".join(shown) and b"/300 [" in b"".join(shown)
+    piped = generate_with_stderr(subprocess.PIPE)
+    assert piped.stdout == "301\n" and piped.stderr == ""
