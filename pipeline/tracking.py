@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
+from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
 from pipeline.training import EvalRecord, StepRecord
 
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
@@ -124,8 +125,6 @@ class Tracker:
     @classmethod
     def for_project(cls, root: Path | None = None, writable: bool = True) -> "Tracker":
         """`writable`: fail now if the store cannot be written (a read-only SQLite file), not at the first write."""
-        from pipeline.stores import check_sqlite_writable, mlflow_store_problem
-
         root = root or project_root()
         uri = tracking_uri(root)
         check_server(uri)
@@ -149,8 +148,6 @@ class Tracker:
         except MlflowException as e:  # another process created it a moment ago, or the store refuses writes
             if experiment := self.client.get_experiment_by_name(name):
                 return experiment.experiment_id
-            from pipeline.stores import problem
-
             raise PipelineError(f"cannot create MLflow experiment '{name}' in {self.uri}: {problem(e)}") from None
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict) -> str:

@@ -14,8 +14,8 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from pipeline.errors import PipelineError
-from pipeline.stores import check_sqlite_writable, problem
 from pipeline.schema import ExampleParams
+from pipeline.stores import check_sqlite_writable, problem
 from pipeline.tuning.space import TuneParams
 
 # settings that do not change what a trial computes, so changing them continues the same study
