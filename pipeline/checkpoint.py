@@ -30,6 +30,7 @@ class Checkpoint:
     step: int
     best_val_loss: float
     optimizer_state: dict
+    run_id: str | None = None  # the MLflow run that trained it (None in checkpoints from before this was saved)
 
 
 def checkpoint_state(model: GPT, optimizer_state: dict, vocab: Vocabulary, step: int, best_val_loss: float) -> dict:
@@ -43,8 +44,11 @@ def checkpoint_state(model: GPT, optimizer_state: dict, vocab: Vocabulary, step:
     }
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer, vocab: Vocabulary, step: int, best_val_loss: float) -> None:
-    save_torch(path, checkpoint_state(model, optimizer.state_dict(), vocab, step, best_val_loss))
+def save_checkpoint(
+    path: Path, model: GPT, optimizer, vocab: Vocabulary, step: int, best_val_loss: float, run_id: str | None = None
+) -> None:
+    state = checkpoint_state(model, optimizer.state_dict(), vocab, step, best_val_loss)
+    save_torch(path, state | ({"run_id": run_id} if run_id else {}))
 
 
 def _read(path: Path, device, required: set[str]) -> dict:
@@ -66,7 +70,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         raise PipelineError(f"{path} does not match its model config: {e}") from None
     if vocab.size != model.config.vocab_size:
         raise PipelineError(f"{path}: vocabulary of {vocab.size} characters, model of {model.config.vocab_size}")
-    return Checkpoint(model.to(device).eval(), vocab, state["step"], state["best_val_loss"], state["optimizer"])
+    return Checkpoint(
+        model.to(device).eval(), vocab, state["step"], state["best_val_loss"], state["optimizer"], state.get("run_id")
+    )
 
 
 @dataclasses.dataclass

@@ -11,7 +11,10 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STAGE_FUNCTIONS = {name: f"{name}_example" for name in ("prepare", "train", "evaluate", "sample", "inspect", "tune")}
+# the commands that write an example's outputs or its MLflow runs: module and function
+STAGE_NAMES = ("prepare", "train", "evaluate", "sample", "inspect", "tune")
+WRITERS = {name: (f"pipeline.stages.{name}", f"{name}_example") for name in STAGE_NAMES}
+WRITERS["register"] = ("pipeline.register", "register_example")
 STAGES = {
     "prepare": "build the vocabulary, split and encode data/<example>/input.txt",
     "train": "train the model (or resume an interrupted run) and log the run to MLflow",
@@ -19,6 +22,7 @@ STAGES = {
     "sample": "write samples (text, or word completions) from the trained model",
     "tune": "Optuna sweep over the params' tune.space, each trial a tracked training run",
     "inspect": "next-character tables and attention maps of prompts into models/<example>/reports",
+    "register": "register the model of the example's current run as chargpt-<example> (alias champion if better)",
 }
 
 
@@ -44,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                 action="append",
                 metavar="TEXT",
                 help="inspect this prompt instead of the params file's inspect.prompts (repeatable)",
+            )
+        if name == "register":
+            stage.add_argument(
+                "--alias", help="give the version this alias whatever its loss (default: champion, if better)"
             )
         if name == "train":
             stage.add_argument(
@@ -124,7 +132,10 @@ def run_stage(args) -> int:
     options = {"progress": not args.no_progress} if args.command in ("train", "tune") else {}
     if args.command == "train":
         options["fresh"] = args.fresh
-    stage = getattr(import_module(f"pipeline.stages.{args.command}"), STAGE_FUNCTIONS[args.command])
+    if args.command == "register":
+        options["alias"] = args.alias
+    module, function = WRITERS[args.command]
+    stage = getattr(import_module(module), function)
     return run(stage, args.example, args.params, overrides, **options)
 
 

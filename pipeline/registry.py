@@ -102,14 +102,14 @@ def log_model(
     metrics: dict[str, float] | None = None,
     step: int | None = None,
     sample=None,
-    example_prompts: list[str] | None = None,
+    prompts: list[str] | None = None,
     name: str = "model",
 ) -> LoggedModelRef:
     """Log the checkpoint as an MLflow logged model of run `run_id` at `step` (default: the checkpoint's).
 
     MLflow links the run's metrics of that step to the model; `metrics` are logged to both at that step
     (pass only new ones, e.g. eval metrics). `sample` (the example's SampleParams) sets the params'
-    defaults; `example_prompts` make the input example (default: one letter of the vocabulary).
+    defaults; the first two of `prompts` make the input example (default: one letter of the vocabulary).
     """
     run = tracker.client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +131,7 @@ def log_model(
                 artifacts={served_model.WEIGHTS: str(weights)},
                 code_paths=[str(PACKAGE)],
                 signature=signature(param_defaults(sample)),
-                input_example=(pd.DataFrame({"prompt": example_prompts or letters[:1]}), {"max_new_tokens": 8}),
+                input_example=(pd.DataFrame({"prompt": (prompts or letters)[:2]}), {"max_new_tokens": 8}),
                 pip_requirements=[f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in REQUIREMENTS],
             )
     if metrics:

@@ -59,6 +59,7 @@ class TrainParams:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA only
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
+    system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
     max_steps: PositiveInt = 2000
     batch_size: PositiveInt = 32
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 2e-3

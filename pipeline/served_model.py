@@ -25,10 +25,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from pydantic import ValidationError
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import SampleParams
+from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.sampling import check_prompts, make_generator, sample_texts
-from pipeline.training import pick_device
+from pipeline.schema import SampleParams
 
 WEIGHTS = "weights"  # the artifact that holds the checkpoint
 PARAM_DEFAULTS = {"max_new_tokens": 200, "temperature": 1.0, "top_k": 0, "num_samples": 1, "seed": 1337}

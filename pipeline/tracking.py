@@ -26,9 +26,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
+from pipeline.locks import pid_running, this_host
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
 from pipeline.training import EvalRecord, StepRecord
 
+PID_TAG, HOST_TAG = "process.pid", "process.host"  # the process that last marked the run RUNNING
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
 SERVER_TIMEOUT = 5  # seconds to wait for a tracking server to answer before giving up
 
@@ -167,6 +169,7 @@ class Tracker:
         `clean_exits` are exceptions that end the run as FINISHED (a pruned sweep trial, say).
         """
         self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {PID_TAG: os.getpid(), HOST_TAG: this_host()})  # who to ask whether it still runs
         try:
             yield run_id
         except clean_exits:
@@ -186,6 +189,20 @@ class Tracker:
             self.client.set_terminated(run_id, status)
         except Exception as e:
             print(f"warning: could not mark MLflow run {run_id} {status} in {self.uri}: {e}", file=sys.stderr)
+
+    def end_dead_runs(self, experiment: str) -> list[str]:
+        """Mark KILLED the RUNNING runs of `experiment` whose process is proven dead: it ran on this host
+        and its pid is gone. A run of a live process, or of another host, is left alone."""
+        found = self.client.get_experiment_by_name(experiment)
+        running = self.client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+        dead = [
+            run.info.run_id
+            for run in running
+            if run.data.tags.get(HOST_TAG) == this_host() and not pid_running(int(run.data.tags.get(PID_TAG, 0)))
+        ]
+        for run_id in dead:
+            self.client.set_terminated(run_id, "KILLED")
+        return dead
 
     def run_status(self, run_id: str) -> str | None:
         """The run's status, or None when this store has no such run."""
@@ -214,13 +231,21 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
 
-def save_run_info(path: Path, tracker: Tracker, run_id: str) -> None:
-    write_json(path, {"run_id": run_id, "tracking_uri": tracker.uri})
+def save_run_info(path: Path, tracker: Tracker, run_id: str, model_id: str | None = None) -> None:
+    """run.json: the run a model was trained in, and its MLflow logged model once there is one."""
+    write_json(path, {"run_id": run_id, "tracking_uri": tracker.uri} | ({"model_id": model_id} if model_id else {}))
 
 
-def load_run_id(path: Path, tracker: Tracker) -> str:
-    """The run a model was trained in, checked to exist in this store."""
+def load_run_id(path: Path, tracker: Tracker, trained_in: str | None = None) -> str:
+    """The run a model was trained in, checked to exist in this store and, when the checkpoint names
+    the run that trained it (`trained_in`), to be that run."""
     info = read_json(path)
+    if trained_in and info.get("run_id") != trained_in:
+        checkpoint = path.parent / "ckpt.pt"
+        raise PipelineError(
+            f"{checkpoint} was trained in run {trained_in}, but {path.name} names run {info.get('run_id')}: "
+            "run train again"
+        )
     try:
         tracker.client.get_run(info["run_id"])
     except (MlflowException, KeyError):
@@ -252,31 +277,3 @@ class TrainingLogger:
     def flush(self) -> None:
         self.tracker.log_metric_batch(self.run_id, self.pending)
         self.pending = []
-
-
-def register_model(tracker: Tracker, name: str, run_id: str, artifact_path: str, val_loss: float) -> tuple[str, bool]:
-    """Register the run's model (once) and give it the alias `champion` if it has the lowest val loss.
-
-    Returns the version and whether it is the champion now.
-    """
-    client = tracker.client
-    if not client.search_registered_models(f"name = '{name}'"):
-        with contextlib.suppress(MlflowException):  # another worker registered it a moment ago
-            client.create_registered_model(name, description="Character-level GPT checkpoints from Optuna sweeps")
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = existing[0]
-    else:
-        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = client.create_model_version(name, source, run_id, tags={"val_loss": f"{val_loss:.6f}"})
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-        champion_loss = float(champion.tags.get("val_loss", "inf"))
-    except MlflowException:
-        champion, champion_loss = None, float("inf")
-    if champion is not None and champion.version == version.version:
-        return version.version, True
-    if val_loss < champion_loss:
-        client.set_registered_model_alias(name, "champion", version.version)
-        return version.version, True
-    return version.version, False

@@ -7,9 +7,8 @@ import mlflow
 import pytest
 
 from pipeline import registry
-from pipeline.config import SampleParams
 from pipeline.files import read_json
-from pipeline.tracking import register_model
+from pipeline.schema import SampleParams
 from tests.model_helpers import model_folder, model_store, shakespeare, training_run
 
 
@@ -74,7 +73,10 @@ def test_a_champion_that_is_no_mlflow_model_gives_way(store, global_store):
     """A version registered before models were logged (a bare checkpoint folder) cannot be loaded: replace it."""
     tracker, run_id, checkpoint, _ = store
     name = "chargpt-test-legacy"
-    assert register_model(tracker, name, run_id, "checkpoint", 0.1)[1]
+    tracker.client.create_registered_model(name)
+    source = f"{tracker.client.get_run(run_id).info.artifact_uri}/checkpoint"
+    legacy = tracker.client.create_model_version(name, source, run_id, tags={"val_loss": "0.100000"})
+    tracker.client.set_registered_model_alias(name, "champion", legacy.version)
     model_id = registry.log_model(tracker, run_id, checkpoint).model_id
     assert registry.register(tracker, name, model_id, run_id, 3.0) == ("2", True)
     mlflow.pyfunc.load_model(f"models:/{name}@champion")

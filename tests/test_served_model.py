@@ -20,8 +20,8 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import registry
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import SampleParams
 from pipeline.sampling import make_generator, sample_texts
+from pipeline.schema import SampleParams
 from tests.model_helpers import SHAKESPEARE_PROMPTS, model_folder, model_store, shakespeare, training_run
 
 PICKLE_HEADERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -33,7 +33,7 @@ def logged(trained_project, empty_store, tmp_path_factory):
     checkpoint, _ = shakespeare(trained_project[0])
     tracker = model_store(tmp_path_factory.mktemp("served"), empty_store)
     run_id = training_run(tracker)
-    ref = registry.log_model(tracker, run_id, checkpoint, {"eval.val.loss": 3.5}, example_prompts=["ROMEO"])
+    ref = registry.log_model(tracker, run_id, checkpoint, {"eval.val.loss": 3.5}, prompts=["ROMEO"])
     return tracker, ref.model_id, set(load_checkpoint(checkpoint).vocab.chars)
 
 

@@ -9,9 +9,10 @@ from pipeline.data import load_dataset
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import split_metrics, word_metrics
-from pipeline.files import write_json
+from pipeline.files import read_json, write_json
 from pipeline.interrupts import stop_on_signals
 from pipeline.paths import ExamplePaths
+from pipeline.registry import log_model_metrics
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, flatten, load_run_id
 
@@ -19,9 +20,9 @@ from pipeline.tracking import Tracker, flatten, load_run_id
 def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> dict:
     """Whole-split loss, perplexity, bits per character (and word metrics) into metrics.json."""
     tracker = tracker or Tracker.for_project()
-    run_id = load_run_id(paths.run_info, tracker)
     device = pick_device(params.train.device)
     checkpoint = load_checkpoint(paths.checkpoint, device)
+    run_id = load_run_id(paths.run_info, tracker, trained_in=checkpoint.run_id)
     dataset = load_dataset(paths)
     if checkpoint.vocab != dataset.vocab:
         raise PipelineError(f"{paths.checkpoint} was trained on another vocabulary than {paths.meta}: train again")
@@ -33,7 +34,10 @@ def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracke
         if params.evaluate.words is not None:
             metrics["words"] = word_metrics(checkpoint.model, dataset, params.evaluate.words, device)
         write_json(paths.metrics, metrics)
-        tracker.log_metrics(run_id, flatten(metrics, "eval."), checkpoint.step)
+        if model_id := read_json(paths.run_info).get("model_id"):  # on the run and on its logged model
+            log_model_metrics(tracker, run_id, model_id, flatten(metrics, "eval."), checkpoint.step)
+        else:
+            tracker.log_metrics(run_id, flatten(metrics, "eval."), checkpoint.step)
         tracker.set_tags(run_id, flatten(dataclasses.asdict(params.evaluate), "evaluate."))
         tracker.log_artifacts(run_id, [paths.metrics])
     print(json.dumps(metrics, indent=2))

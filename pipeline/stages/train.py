@@ -18,7 +18,9 @@ from pipeline.interrupts import stop_on_signals
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
+from pipeline.registry import log_dataset, log_model
 from pipeline.schema import ExampleParams
+from pipeline.system_metrics import system_metrics
 from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags, save_run_info
 from pipeline.training import TrainCallbacks, TrainResult, train
 
@@ -33,6 +35,7 @@ def start_training_run(params: ExampleParams, paths: ExamplePaths, tracker: Trac
     trained_with = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
     run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": model.config.vocab_size}
     run_id = tracker.start_run(paths.example, run_name, tags, run_params)
+    log_dataset(tracker, run_id, paths.meta)
     save_run_info(paths.run_info, tracker, run_id)
     return run_id
 
@@ -45,7 +48,13 @@ def training_fingerprint(params: ExampleParams, dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(trained_with, sort_keys=True).encode()).hexdigest()
 
 
-def find_resume_point(paths: ExamplePaths, fingerprint: str, tracker: Tracker) -> ResumePoint | None:
+def end_dead_runs(tracker: Tracker, example: str) -> None:
+    """Runs whose process was killed before it could say so are KILLED; a live one's are left alone."""
+    for run_id in tracker.end_dead_runs(example):
+        print(f"{example}: its MLflow run {run_id}, left RUNNING by a killed process, is now marked KILLED")
+
+
+def find_resume_point(paths: ExamplePaths, fingerprint: str) -> ResumePoint | None:
     """The latest checkpoint if it is of an unfinished run with the same parameters and data."""
     point = load_resume_point(paths.latest_checkpoint)
     if point is None:
@@ -56,9 +65,6 @@ def find_resume_point(paths: ExamplePaths, fingerprint: str, tracker: Tracker) -
         why = "it was made with other data, model or train parameters"
     else:
         return point
-    if not point.finished and tracker.run_status(point.run_id) == "RUNNING":
-        tracker.client.set_terminated(point.run_id, "KILLED")  # its process was killed before it could say so
-        why += f"; its MLflow run {point.run_id}, left RUNNING by a killed process, is now marked KILLED"
     print(f"{paths.example}: starting a new run, not resuming {paths.latest_checkpoint} ({why})")
     return None
 
@@ -78,9 +84,10 @@ def resumed_run(point: ResumePoint, params, paths, tracker, model, device) -> tu
     return run_id, 0
 
 
-def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab) -> dict:
+def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab, run_id: str) -> dict:
     """Checkpoint, per-step history, evaluations, loss curve and a summary; returns the summary."""
-    save_checkpoint(paths.checkpoint, result.model, result.optimizer, vocab, result.steps, result.best_val_loss)
+    model, steps = result.model, result.steps
+    save_checkpoint(paths.checkpoint, model, result.optimizer, vocab, steps, result.best_val_loss, run_id)
     history, evals = _frame(result.history), _frame(result.evals)
     write_text(paths.history, history.to_csv(index=False, float_format="%.6g"))
     write_text(paths.evals, evals.to_csv(index=False, float_format="%.6g"))
@@ -162,7 +169,8 @@ def train_example(
     prepare_model_folders(paths)
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     fingerprint = training_fingerprint(params, dataset)
-    resume = None if fresh else find_resume_point(paths, fingerprint, tracker)
+    end_dead_runs(tracker, paths.example)
+    resume = None if fresh else find_resume_point(paths, fingerprint)
     with stop_on_signals() as stop:
         if resume is None:
             run_id, logged_through = start_training_run(params, paths, tracker, model, device), 0
@@ -173,7 +181,7 @@ def train_example(
         checkpoints = TrainingCheckpoints(
             paths.latest_checkpoint, paths.best_checkpoint, model, dataset.vocab, fingerprint, run_id
         )
-        with tracker.active(run_id):
+        with tracker.active(run_id), system_metrics(tracker, run_id, params.train.system_metrics):
             logger = TrainingLogger(tracker, run_id, logged_through)
             result = checkpointed_training(
                 model,
@@ -190,10 +198,12 @@ def train_example(
             if (reason := stop()) is not None:  # a signal during the last evaluation
                 raise reason
             logger.flush()
-            summary = save_training_outputs(result, paths, dataset.vocab)
+            summary = save_training_outputs(result, paths, dataset.vocab, run_id)
             tracker.log_metrics(run_id, summary, result.steps)
             tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
             tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
+            logged = log_model(tracker, run_id, paths.checkpoint, sample=params.sample, prompts=params.sample.prompts)
+            save_run_info(paths.run_info, tracker, run_id, logged.model_id)
     checkpoints.mark_finished()  # after FINISHED: a kill in between only makes the next run redo the outputs
     print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {summary['final_val_loss']:.4f}")
     return result

@@ -5,8 +5,9 @@ run per trial, and registers the best trial's model."""
 
 from pipeline.interrupts import stop_on_signals
 from pipeline.paths import ExamplePaths
+from pipeline.registry import register
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, register_model
+from pipeline.tracking import Tracker
 from pipeline.tuning.reports import SweepSummary, best_run_id, log_sweep, save_sweep_outputs, summarize, sweep_report
 from pipeline.tuning.space import parse_tune
 from pipeline.tuning.storage import quiet_optuna, safe_url
@@ -30,10 +31,8 @@ def tune_example(
         summary = summarize(study)
         files = save_sweep_outputs(study, summary, sweep, paths)
         log_sweep(tracker, sweep, summary, files)
-        if tune.register_as and summary.best and summary.best.user_attrs.get("checkpoint"):
-            version, champion = register_model(
-                tracker, tune.register_as, best_run_id(summary), "checkpoint", summary.best.value
-            )
+        if tune.register_as and summary.best and (model_id := summary.best.user_attrs.get("model_id")):
+            version, champion = register(tracker, tune.register_as, model_id, best_run_id(summary), summary.best.value)
             print(f"registered {tune.register_as} version {version}" + (" as @champion" * champion))
     print(sweep_report(summary, sweep, paths))
     return summary

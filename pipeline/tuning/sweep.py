@@ -23,6 +23,7 @@ from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
+from pipeline.registry import log_model
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
 from pipeline.training import TrainCallbacks, train
@@ -67,15 +68,16 @@ def trial_tags(sweep: Sweep, trial: optuna.Trial, device: torch.device) -> dict:
 
 
 def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: str, result, vocab) -> None:
-    """Log the trial's checkpoint when it beats every finished trial, so the best model can be registered."""
+    """Keep the trial's model, as an MLflow Model of its run, when it beats every finished trial, so
+    that the best model can be registered."""
     done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if done and result.evals[-1].val_loss >= min(done):
         return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ckpt.pt"
-        save_checkpoint(path, result.model, result.optimizer, vocab, result.steps, result.best_val_loss)
-        tracker.log_artifacts(run_id, [path], "checkpoint")
-    trial.set_user_attr("checkpoint", "checkpoint/ckpt.pt")
+        save_checkpoint(path, result.model, result.optimizer, vocab, result.steps, result.best_val_loss, run_id)
+        logged = log_model(tracker, run_id, path, sample=sweep.params.sample, prompts=sweep.params.sample.prompts)
+    trial.set_user_attr("model_id", logged.model_id)
 
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Tracker, device) -> float:
