@@ -74,7 +74,8 @@ def read_params_file(path: Path) -> dict:
         raise PipelineError(f"{path} does not exist") from None
     except UnicodeDecodeError as e:
         raise PipelineError(
-            f"{path} is not UTF-8 text: byte {e.start} is {e.object[e.start : e.start + 1]!r}"
+            f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start} ({e.reason}); "
+            "save it as UTF-8"
         ) from None
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {e}") from None

@@ -33,7 +33,10 @@ def read_overrides_file(path: Path) -> list[str]:
     except FileNotFoundError:
         raise PipelineError(f"overrides file {path} does not exist") from None
     except UnicodeDecodeError as e:
-        raise PipelineError(f"overrides file {path} is not UTF-8 text (byte {e.start})") from None
+        raise PipelineError(
+            f"overrides file {path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}; "
+            "save it as UTF-8"
+        ) from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

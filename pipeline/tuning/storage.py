@@ -27,6 +27,8 @@ def quiet_optuna() -> None:
     """One line per trial is ours to print; Optuna's info lines and experimental-API warnings are noise."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # ask-and-tell workers record their own heartbeats (heartbeat() below)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def storage_url(tune: TuneParams, root: Path) -> str:
