@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import json
 import os
 import shlex
@@ -151,19 +152,43 @@ def lock_owner(model_dir: Path) -> Owner | None:
 
 
 @contextlib.contextmanager
-def example_lock(model_dir: Path, command: str | None = None):
-    """Hold the example's lock while the block runs; a PipelineError at once if another process holds it.
+def example_lock(model_dir: Path, command: str | None = None, wait: float = 0.0):
+    """Hold the example's lock while the block runs; a PipelineError if another process holds it, at
+    once or after waiting `wait` seconds for it.
 
     `command`: what the lock file says holds it (default: this process's command line). Yields the Owner.
     """
     model_dir = Path(model_dir)
     owner = Owner(os.getpid(), this_host(), command or command_line(), datetime.datetime.now().astimezone(), True)
     made = [folder for folder in (model_dir, *model_dir.parents) if not folder.exists()]  # deepest first
-    fd = _acquire(model_dir, owner)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = _acquire(model_dir, owner)
+            break
+        except InUse:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
     try:
         yield owner
     finally:
         _release(model_dir, fd, made)
+
+
+def writes_example(stage):
+    """A stage function `(params, paths, ...)` that holds its example's lock while it runs."""
+
+    @functools.wraps(stage)
+    def locked(params, paths, *args, **kwargs):
+        with example_lock(paths.model_dir):
+            return stage(params, paths, *args, **kwargs)
+
+    return locked
+
+
+class InUse(PipelineError):
+    """Another live process holds the example's lock."""
 
 
 def in_use_message(shown: str, owner: Owner | None, path: Path) -> str:
@@ -237,14 +262,14 @@ def _acquire(model_dir: Path, owner: Owner) -> int:
                 if not _try_lock(old):  # someone holds it
                     seen = Owner.parse(record, held=True)
                     if _same_file(old, path) and seen and (seen.host != this_host() or pid_running(seen.pid)):
-                        raise PipelineError(in_use_message(shown, seen, path))
+                        raise InUse(in_use_message(shown, seen, path))
                     time.sleep(RETRY_SECONDS)  # being released or taken over right now: look again
                     continue
                 if not _same_file(old, path):
                     continue  # released and removed, or taken over, while we looked
                 previous = Owner.parse(record, held=False)
                 if previous and previous.host != this_host():  # we cannot tell whether it is running
-                    raise PipelineError(in_use_message(shown, previous, path))
+                    raise InUse(in_use_message(shown, previous, path))
                 os.rename(tmp, path)  # we hold the old file's lock, so nobody else replaces it meanwhile
                 tmp = None
             finally:
@@ -252,7 +277,7 @@ def _acquire(model_dir: Path, owner: Owner) -> int:
             _remove_leftovers(model_dir)
             print(_takeover_message(shown, previous, path), file=sys.stderr, flush=True)
             return fd
-        raise PipelineError(in_use_message(shown, seen, path))
+        raise InUse(in_use_message(shown, seen, path))
     except BaseException:
         os.close(fd)
         raise

@@ -4,12 +4,14 @@ of the registered model `chargpt-<example>`, with an alias."""
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
+from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.registry import latest_model_id, model_name, register
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, load_run_id
 
 
+@writes_example  # one writer per example: a second one stops at once
 def register_example(
     params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None, *, alias: str | None = None
 ) -> tuple[str, bool]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from pipeline.config import example_params, load_params
 from pipeline.errors import PipelineError
-from pipeline.locks import example_lock
 from pipeline.paths import ExamplePaths
 
 
@@ -16,9 +15,7 @@ def run(stage: Callable, example: str, params_file: Path, overrides: list[str] =
     """Call `stage(params, paths, **options)` for `example`; returns the exit status."""
     try:
         params = example_params(load_params(params_file, overrides), example, params_file)
-        paths = ExamplePaths(Path.cwd(), example)
-        with example_lock(paths.model_dir):  # one writer per example; a second one stops here
-            stage(params, paths, **options)
+        stage(params, ExamplePaths(Path.cwd(), example), **options)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,12 +11,14 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import split_metrics, word_metrics
 from pipeline.files import read_json, write_json
 from pipeline.interrupts import stop_on_signals
+from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.registry import log_model_metrics
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, flatten, load_run_id
 
 
+@writes_example  # one writer per example: a second one stops at once
 def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> dict:
     """Whole-split loss, perplexity, bits per character (and word metrics) into metrics.json."""
     tracker = tracker or Tracker.for_project()

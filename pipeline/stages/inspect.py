@@ -11,6 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import write_folder
 from pipeline.inspection import Inspection, check_inspect_prompts, format_table, inspect_prompt
 from pipeline.interrupts import stop_on_signals
+from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.plots import attention_maps_png, next_char_heatmap_png
 from pipeline.schema import ExampleParams
@@ -39,6 +40,7 @@ def inspection_pictures(inspection: Inspection, example: str) -> dict[str, bytes
     }
 
 
+@writes_example  # one writer per example: a second one stops at once
 def inspect_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> str:
     """Next-character tables and attention maps of prompts into models/<example>/reports."""
     tracker = tracker or Tracker.for_project()

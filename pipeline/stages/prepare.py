@@ -2,10 +2,12 @@
 (train.bin, val.bin, meta.json). Logs nothing: the train stage logs the data it used."""
 
 from pipeline.data import prepare
+from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.schema import ExampleParams
 
 
+@writes_example  # one writer per example: a second one stops at once
 def prepare_example(params: ExampleParams, paths: ExamplePaths) -> dict:
     """Build the vocabulary, split and encode data/<example>/input.txt."""
     meta = prepare(params.data, paths)

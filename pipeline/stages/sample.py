@@ -7,12 +7,14 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.device import pick_device
 from pipeline.files import write_text
 from pipeline.interrupts import stop_on_signals
+from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.sampling import check_prompts, sample_report
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, flatten, load_run_id
 
 
+@writes_example  # one writer per example: a second one stops at once
 def sample_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker | None = None) -> str:
     """Write samples (text, or word completions) from the trained model."""
     tracker = tracker or Tracker.for_project()

@@ -15,6 +15,7 @@ from pipeline.device import pick_device
 from pipeline.errors import Diverged, Stopped
 from pipeline.files import check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
+from pipeline.locks import writes_example
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
@@ -150,6 +151,7 @@ def checkpointed_training(
         raise Diverged(f"{paths.example}: {e}{kept if checkpoints.step else ''}", e.step) from None
 
 
+@writes_example  # one writer per example: a second one stops at once
 def train_example(
     params: ExampleParams,
     paths: ExamplePaths,

@@ -1,9 +1,11 @@
 """The tune stage: reads the prepared data and `<ex>.data`, `<ex>.model`, `<ex>.train`, `<ex>.tune`;
-runs (or continues) an Optuna sweep, each trial a tracked training run; writes models/<ex>/tune.json
-and models/<ex>/tune/ (best parameters, trial table, pictures); logs a parent run with one child
-run per trial, and registers the best trial's model."""
+runs (or continues) an Optuna sweep, each trial a tracked training run; writes models/<ex>/tune.json,
+models/<ex>/tune/ (best parameters, trial table) and tune-plots/; logs a parent run with one child
+run per trial, and registers the best trial's model. Several sweeps of one study may run at once:
+the study hands out its trials, and the example's lock is taken only to write the outputs."""
 
 from pipeline.interrupts import stop_on_signals
+from pipeline.locks import example_lock
 from pipeline.paths import ExamplePaths
 from pipeline.registry import register
 from pipeline.schema import ExampleParams
@@ -12,6 +14,8 @@ from pipeline.tuning.reports import SweepSummary, best_run_id, log_sweep, save_s
 from pipeline.tuning.space import parse_tune
 from pipeline.tuning.storage import quiet_optuna, safe_url
 from pipeline.tuning.sweep import prepare_sweep, run_workers
+
+OUTPUTS_WAIT = 60  # seconds a sweep waits for another writer of the example before writing its outputs
 
 
 def tune_example(
@@ -28,11 +32,18 @@ def tune_example(
     )
     with stop_on_signals(at_once=True), tracker.active(sweep.parent_run_id):
         run_workers(sweep, tune.workers, progress)
-        summary = summarize(study)
-        files = save_sweep_outputs(study, summary, sweep, paths)
-        log_sweep(tracker, sweep, summary, files)
-        if tune.register_as and summary.best and (model_id := summary.best.user_attrs.get("model_id")):
-            version, champion = register(tracker, tune.register_as, model_id, best_run_id(summary), summary.best.value)
-            print(f"registered {tune.register_as} version {version}" + (" as @champion" * champion))
+        # trials share the study with any other sweep of it; the outputs are written by one at a time
+        with example_lock(paths.model_dir, wait=OUTPUTS_WAIT):
+            summary = summarize(study)
+            files = save_sweep_outputs(study, summary, sweep, paths)
+            log_sweep(tracker, sweep, summary, files)
+            register_best(tracker, tune, summary)
     print(sweep_report(summary, sweep, paths))
     return summary
+
+
+def register_best(tracker: Tracker, tune, summary: SweepSummary) -> None:
+    """The best trial's model becomes a version of `tune.register_as`, @champion if it beats the champion."""
+    if tune.register_as and summary.best and (model_id := summary.best.user_attrs.get("model_id")):
+        version, champion = register(tracker, tune.register_as, model_id, best_run_id(summary), summary.best.value)
+        print(f"registered {tune.register_as} version {version}" + (" as @champion" * champion))
