@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
-from pipeline.locks import pid_running, this_host
+from pipeline.locks import pid_running, shown_path, this_host
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
 from pipeline.training import EvalRecord, StepRecord
 
@@ -241,7 +241,7 @@ def load_run_id(path: Path, tracker: Tracker, trained_in: str | None = None) -> 
     the run that trained it (`trained_in`), to be that run."""
     info = read_json(path)
     if trained_in and info.get("run_id") != trained_in:
-        checkpoint = path.parent / "ckpt.pt"
+        checkpoint = shown_path(path.parent / "ckpt.pt")
         raise PipelineError(
             f"{checkpoint} was trained in run {trained_in}, but {path.name} names run {info.get('run_id')}: "
             "run train again"

@@ -243,7 +243,8 @@ def prepare_sweep(
     url = storage_url(tune, tracker.root)
     name = study_name(params, tune, paths.example)
     study = open_study(open_storage(url, tune.heartbeat_seconds), tune, name)
-    check_study_settings(study, params, tune)
-    parent_run_id = parent_run(study, params, tune, paths, tracker, url)
-    queued = queue_missing_trials(study, params, tune)
+    with claim_lock(url, name):  # another sweep of the same study may be starting too
+        check_study_settings(study, params, tune)
+        parent_run_id = parent_run(study, params, tune, paths, tracker, url)
+        queued = queue_missing_trials(study, params, tune)
     return Sweep(params, tune, paths, tracker.root, url, name, parent_run_id), study, queued
