@@ -227,7 +227,7 @@ def _new_lock_file(model_dir: Path, owner: Owner, shown: str) -> tuple[int, str]
             if attempt == RETRIES - 1:
                 raise PipelineError(f"cannot lock {shown}: its folder keeps disappearing") from None
         except OSError as e:
-            raise PipelineError(f"cannot lock {shown}: cannot create a file in it ({e.strerror or e})") from None
+            raise PipelineError(f"cannot write to {model_dir}: {e.strerror or e} (needed for its lock)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
         os.fchmod(fd, 0o644)  # mkstemp makes 0600: let other users see who holds the example

@@ -149,3 +149,47 @@ def load_study(params, tune, root: Path):
 def child_runs(tracker, parent_run_id):
     experiment = tracker.client.get_experiment_by_name("toy-tune")
     return tracker.client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+# A project in a fresh git repository, as a user's clone: DVC and the command line run in it
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    return [f for f in listed if f and (ROOT / f).is_file() and not f.startswith(("models/", "dvc.lock"))]
+
+
+def repo_env() -> dict:
+    variables = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com"}
+    identity |= {"GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    bin_dir = str(Path(sys.executable).parent)
+    return variables | identity | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def run_ok(path: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=path, env=repo_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def commit(path: Path, message: str) -> None:
+    run_ok(path, "git", "add", "-A")
+    run_ok(path, "git", "commit", "-qm", message)
+
+
+def new_repo(path: Path) -> Path:
+    """The project's files in `path`, made a git repository, with every example's tiny parameters."""
+    for name in project_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    write_tiny_params(path / "params.yaml")
+    run_ok(path, "git", "init", "-q")
+    commit(path, "project")
+    return path

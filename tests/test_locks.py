@@ -166,5 +166,5 @@ def test_a_read_only_folder_is_a_clear_error(project):
     finally:
         subprocess.run(undo, check=True)
     assert result.returncode == 2
-    assert re.fullmatch(r"error: cannot lock models/toy: cannot create a file in it \([^)]+\)\n", result.stderr)
+    assert re.fullmatch(r"error: cannot write to \S*models/toy: [^\n]+ \(needed for its lock\)\n", result.stderr)
     assert not (project / "data/toy/prepared").exists()

@@ -2,7 +2,6 @@
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from pipeline.sampling import complete_word, make_generator
 from pipeline.tracking import Tracker
 from pipeline.training import train
 
-from .helpers import ROOT, same_weights, write_tiny_params
+from .helpers import ROOT, commit, new_repo, same_weights, write_tiny_params
+from .helpers import repo_env as env
+from .helpers import run_ok as run
 
 pytestmark = pytest.mark.slow
 
@@ -32,49 +33,13 @@ OUTPUTS = ["ckpt.pt", "run.json", "loss.png", "history.csv", "evals.csv", "train
 REPORTS = ["next-chars.txt", "loss.png", "1-CORN-next-chars.png", "1-CORN-attention.png"]
 
 
-def project_files() -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    return [f for f in listed if f and (ROOT / f).is_file() and not f.startswith(("models/", "dvc.lock"))]
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A fresh git + DVC repository holding the project, with tiny parameters, after one `dvc repro`."""
-    path = tmp_path_factory.mktemp("project")
-    for name in project_files():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, path / name)
-    write_tiny_params(path / "params.yaml")
-    run(path, "git", "init", "-q")
-    commit(path, "project")
+    path = new_repo(tmp_path_factory.mktemp("project"))
     result = run(path, "dvc", "repro")
     commit(path, "first repro")
     return path, result
-
-
-def env() -> dict:
-    variables = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com"}
-    identity |= {"GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    bin_dir = str(Path(sys.executable).parent)
-    return variables | identity | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-
-
-def run(path: Path, *command: str) -> str:
-    result = subprocess.run(command, cwd=path, env=env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def commit(path: Path, message: str) -> None:
-    run(path, "git", "add", "-A")
-    run(path, "git", "commit", "-qm", message)
 
 
 def every_stage(params_file: Path = ROOT / "params.yaml") -> set[str]:

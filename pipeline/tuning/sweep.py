@@ -146,6 +146,14 @@ def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
         tracker.client.set_terminated(run_id, "FAILED")
 
 
+def fail_dead_trials(study: optuna.Study, dead_runs: list[str]) -> None:
+    """Trials whose MLflow run was left RUNNING by a killed process on this host fail now, not a
+    heartbeat grace period later."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("mlflow_run_id") in dead_runs:
+            study.tell(trial.number, state=TrialState.FAIL)
+
+
 def worker_device(name: str, worker: int) -> torch.device:
     """CUDA devices round-robin over workers (several workers may share one); else as configured."""
     device = pick_device(name)
@@ -244,6 +252,7 @@ def prepare_sweep(
     name = study_name(params, tune, paths.example)
     study = open_study(open_storage(url, tune.heartbeat_seconds), tune, name)
     with claim_lock(url, name):  # another sweep of the same study may be starting too
+        fail_dead_trials(study, tracker.end_dead_runs(f"{paths.example}-tune"))
         check_study_settings(study, params, tune)
         parent_run_id = parent_run(study, params, tune, paths, tracker, url)
         queued = queue_missing_trials(study, params, tune)
