@@ -116,6 +116,13 @@ def _metrics(values: dict[str, float], step: int) -> list[Metric]:
     return [Metric(key, float(value), now, step) for key, value in values.items()]
 
 
+def process_is_dead(run) -> bool:
+    """Whether the process that last marked `run` RUNNING is proven gone: it ran on this host and its
+    pid is not running. A run of another host, or without the tags, is never taken for dead."""
+    tags = run.data.tags
+    return tags.get(HOST_TAG) == this_host() and PID_TAG in tags and not pid_running(int(tags[PID_TAG]))
+
+
 @dataclasses.dataclass
 class Tracker:
     """An MLflow client bound to one store, and where local artifacts of that store go."""
@@ -191,15 +198,10 @@ class Tracker:
             print(f"warning: could not mark MLflow run {run_id} {status} in {self.uri}: {e}", file=sys.stderr)
 
     def end_dead_runs(self, experiment: str) -> list[str]:
-        """Mark KILLED the RUNNING runs of `experiment` whose process is proven dead: it ran on this host
-        and its pid is gone. A run of a live process, or of another host, is left alone."""
+        """Mark KILLED the RUNNING runs of `experiment` whose process is proven dead; returns their ids."""
         found = self.client.get_experiment_by_name(experiment)
         running = self.client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
-        dead = [
-            run.info.run_id
-            for run in running
-            if run.data.tags.get(HOST_TAG) == this_host() and not pid_running(int(run.data.tags.get(PID_TAG, 0)))
-        ]
+        dead = [run.info.run_id for run in running if process_is_dead(run)]
         for run_id in dead:
             self.client.set_terminated(run_id, "KILLED")
         return dead

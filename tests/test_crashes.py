@@ -10,6 +10,7 @@ import time
 
 import pytest
 import yaml
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
@@ -61,7 +62,7 @@ def check_consistent(path) -> None:
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and load_checkpoint(paths.checkpoint).run_id == info["run_id"]
     assert {a.path for a in client.list_artifacts(info["run_id"])} >= RUN_ARTIFACTS
-    assert client.get_logged_model(info["model_id"]).status.to_string() == "READY"
+    assert client.get_logged_model(info["model_id"]).status == LoggedModelStatus.READY
     for experiment in ("toy", "toy-tune"):
         runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], f"orphan runs in {experiment}"

@@ -25,7 +25,7 @@ from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.registry import log_model
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
+from pipeline.tracking import Tracker, TrainingLogger, flatten, process_is_dead, run_tags
 from pipeline.training import TrainCallbacks, train
 from pipeline.tuning.space import TuneParams, apply_values, baseline_values, check_space, suggest
 from pipeline.tuning.storage import (
@@ -139,19 +139,21 @@ def run_one(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
     return state
 
 
-def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
+def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial, why: str = "worker stopped sending heartbeats"):
     """A dead worker's trial was just marked failed: end its MLflow run the same way."""
     if run_id := trial.user_attrs.get("mlflow_run_id"):
-        tracker.set_tags(run_id, {"optuna.trial_state": "FAIL", "error": "worker stopped sending heartbeats"})
+        tracker.set_tags(run_id, {"optuna.trial_state": "FAIL", "error": why})
         tracker.client.set_terminated(run_id, "FAILED")
 
 
-def fail_dead_trials(study: optuna.Study, dead_runs: list[str]) -> None:
-    """Trials whose MLflow run was left RUNNING by a killed process on this host fail now, not a
-    heartbeat grace period later."""
+def fail_dead_trials(study: optuna.Study, tracker: Tracker) -> None:
+    """Trials whose worker was killed on this host (its MLflow run says which process ran it) fail
+    now, not a heartbeat grace period later, and so do their runs."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("mlflow_run_id") in dead_runs:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and process_is_dead(tracker.client.get_run(run_id)):
             study.tell(trial.number, state=TrialState.FAIL)
+            end_stale_run(tracker, trial, "its worker process was killed")
 
 
 def worker_device(name: str, worker: int) -> torch.device:
@@ -252,7 +254,8 @@ def prepare_sweep(
     name = study_name(params, tune, paths.example)
     study = open_study(open_storage(url, tune.heartbeat_seconds), tune, name)
     with claim_lock(url, name):  # another sweep of the same study may be starting too
-        fail_dead_trials(study, tracker.end_dead_runs(f"{paths.example}-tune"))
+        fail_dead_trials(study, tracker)
+        tracker.end_dead_runs(f"{paths.example}-tune")  # a killed sweep's parent run
         check_study_settings(study, params, tune)
         parent_run_id = parent_run(study, params, tune, paths, tracker, url)
         queued = queue_missing_trials(study, params, tune)
