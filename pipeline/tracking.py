@@ -161,7 +161,8 @@ class Tracker:
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict) -> str:
         try:
-            run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=run_name)
+            owner = {PID_TAG: str(os.getpid()), HOST_TAG: this_host()}  # a new run is RUNNING: say whose
+            run = self.client.create_run(self.experiment_id(experiment), tags=tags | owner, run_name=run_name)
         except MlflowException as e:
             raise PipelineError(f"cannot start an MLflow run in {self.uri}: {e}") from None
         params = [Param(k, str(v)) for k, v in params.items()]
