@@ -94,11 +94,12 @@ def test_a_repro_killed_at_random_moments_always_recovers(project):
     path = project
     check_consistent(path)
     rng = random.Random(2026)
-    killed_in, torn = [], 0
-    for _ in range(KILLS):
-        killed_in.append(killed_repro(path, rng.choice(STAGES), rng.uniform(0.5, 12.0)))
+    killed_in, finished, torn = [], 0, 0
+    while len(killed_in) < KILLS and finished < KILLS:  # a repro that ends before its moment is no kill
+        stage = killed_repro(path, rng.choice(STAGES), rng.uniform(0.5, 9.0))
+        killed_in += [stage] if stage in STAGES else []
+        finished += stage not in STAGES
         torn += finish_repro(path)
         check_consistent(path)
-    print(f"{KILLS} kills, in: {sorted(killed_in)}; dvc.lock torn by DVC {torn} times")
-    assert sum(stage in STAGES for stage in killed_in) >= 15, killed_in  # most repros were killed, not finished
-    assert len({stage for stage in killed_in if stage in STAGES}) >= 4, killed_in  # in most stages
+    print(f"{len(killed_in)} kills, in: {sorted(killed_in)}; {finished} repros ended first; dvc.lock torn {torn} times")
+    assert len(killed_in) == KILLS and len(set(killed_in)) >= 4, killed_in  # kills in most stages
