@@ -28,7 +28,7 @@ def evaluate_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracke
     dataset = load_dataset(paths)
     if checkpoint.vocab != dataset.vocab:
         raise PipelineError(f"{paths.checkpoint} was trained on another vocabulary than {paths.meta}: train again")
-    with stop_on_signals(at_once=True), tracker.active(run_id):
+    with stop_on_signals(at_once=True):  # the run keeps the status of its training
         metrics = {
             split: split_metrics(checkpoint.model, dataset, split, params.evaluate, device, params.train.precision)
             for split in ("train", "val")

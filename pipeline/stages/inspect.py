@@ -51,7 +51,7 @@ def inspect_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker
     if not paths.loss_plot.exists():
         raise PipelineError(f"{paths.loss_plot} does not exist: run the train stage first")
     run_id = load_run_id(paths.run_info, tracker, trained_in=checkpoint.run_id)
-    with stop_on_signals(at_once=True), tracker.active(run_id):
+    with stop_on_signals(at_once=True):  # the run keeps the status of its training
         inspections = [
             inspect_prompt(checkpoint.model, checkpoint.vocab, prompt, word_list, device)
             for prompt in params.inspect.prompts

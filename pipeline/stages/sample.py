@@ -22,7 +22,7 @@ def sample_example(params: ExampleParams, paths: ExamplePaths, tracker: Tracker 
     checkpoint = load_checkpoint(paths.checkpoint, device)
     check_prompts(checkpoint.vocab, params.sample.prompts, params.data.kind == "words")
     run_id = load_run_id(paths.run_info, tracker, trained_in=checkpoint.run_id)
-    with stop_on_signals(at_once=True), tracker.active(run_id):
+    with stop_on_signals(at_once=True):  # the run keeps the status of its training
         report = sample_report(checkpoint.model, checkpoint.vocab, params.sample, params.data.kind == "words", device)
         write_text(paths.samples, report)
         tracker.set_tags(run_id, flatten(dataclasses.asdict(params.sample), "sample."))
