@@ -96,7 +96,7 @@ def test_a_repro_killed_at_random_moments_always_recovers(project):
     rng = random.Random(2026)
     killed_in, finished, torn = [], 0, 0
     while len(killed_in) < KILLS and finished < KILLS:  # a repro that ends before its moment is no kill
-        stage = killed_repro(path, rng.choice(STAGES), rng.uniform(0.5, 9.0))
+        stage = killed_repro(path, rng.choice(STAGES), rng.uniform(0.5, 7.0))
         killed_in += [stage] if stage in STAGES else []
         finished += stage not in STAGES
         torn += finish_repro(path)
