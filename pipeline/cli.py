@@ -11,10 +11,6 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-# the commands that write an example's outputs or its MLflow runs: module and function
-STAGE_NAMES = ("prepare", "train", "evaluate", "sample", "inspect", "tune")
-WRITERS = {name: (f"pipeline.stages.{name}", f"{name}_example") for name in STAGE_NAMES}
-WRITERS["register"] = ("pipeline.register", "register_example")
 STAGES = {
     "prepare": "build the vocabulary, split and encode data/<example>/input.txt",
     "train": "train the model (or resume an interrupted run) and log the run to MLflow",
@@ -23,6 +19,10 @@ STAGES = {
     "tune": "Optuna sweep over the params' tune.space, each trial a tracked training run",
     "inspect": "next-character tables and attention maps of prompts into models/<example>/reports",
     "register": "register the model of the example's current run as chargpt-<example> (alias champion if better)",
+}
+# the commands that write an example's outputs or its MLflow runs: module and function
+WRITERS = {name: (f"pipeline.stages.{name}", f"{name}_example") for name in STAGES} | {
+    "register": ("pipeline.register", "register_example")
 }
 
 

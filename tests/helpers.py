@@ -1,12 +1,14 @@
 """What several test modules share: the project's paths, tiny parameters for every example, and
 ways to run the real command line."""
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.config import listed_examples, load_params
@@ -193,3 +195,20 @@ def new_repo(path: Path) -> Path:
     run_ok(path, "git", "init", "-q")
     commit(path, "project")
     return path
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path`, a file or a folder, cannot be written while the block runs, even by root."""
+    if os.geteuid() == 0:  # root writes through chmod: make it immutable instead (ext4, xfs, btrfs)
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available on this filesystem, and chmod does not stop root")
+        undo = ["chattr", "-i", str(path)]
+    else:
+        modes = ("555", "755") if path.is_dir() else ("444", "644")
+        path.chmod(int(modes[0], 8))
+        undo = ["chmod", modes[1], str(path)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)

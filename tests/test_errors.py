@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, TINY, cli_env, prepared_project, run_cli
+from .helpers import ROOT, TINY, cli_env, prepared_project, read_only, run_cli
 
 FAST = TINY["toy"]
 
@@ -42,22 +42,6 @@ def run_count(store: Path) -> int:
 def nothing_trained(project: Path) -> bool:
     folder = project / "models/toy"
     return not folder.exists() or not any(folder.iterdir())
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-    """`path` cannot be written while the block runs, even by root."""
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-            pytest.skip("chattr +i is not available on this filesystem, and chmod does not stop root")
-        undo = ["chattr", "-i", str(path)]
-    else:
-        path.chmod(0o444)
-        undo = ["chmod", "644", str(path)]
-    try:
-        yield
-    finally:
-        subprocess.run(undo, check=True)
 
 
 @pytest.fixture

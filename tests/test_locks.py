@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.locks import example_lock, lock_owner, lock_path
 
-from .helpers import cli_env, run_cli
+from .helpers import cli_env, read_only, run_cli
 
 HOLDER = """
 import sys, time
@@ -154,17 +154,8 @@ def test_processes_racing_for_a_lock_get_one_writer(project):
 def test_a_read_only_folder_is_a_clear_error(project):
     folder = project / "models/toy"
     folder.mkdir(parents=True)
-    if os.geteuid() == 0:  # root writes through chmod: make the folder immutable instead (ext4, xfs, btrfs)
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-            pytest.skip("chattr +i is not available here, and chmod does not stop root")
-        undo = ["chattr", "-i", str(folder)]
-    else:
-        folder.chmod(0o555)
-        undo = ["chmod", "755", str(folder)]
-    try:
+    with read_only(folder):
         result = run_cli(project, "prepare", "toy.data.repeats=2")
-    finally:
-        subprocess.run(undo, check=True)
     assert result.returncode == 2
     assert re.fullmatch(r"error: cannot write to \S*models/toy: [^\n]+ \(needed for its lock\)\n", result.stderr)
     assert not (project / "data/toy/prepared").exists()

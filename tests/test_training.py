@@ -136,24 +136,17 @@ def test_a_compiled_run_learns_repeats_bit_identically_and_saves_plain_weights(t
     """Compiling changes the kernels, not the run: same seed, same losses; keys without `_orig_mod.`."""
     params, _, dataset = toy
     p = tiny_params("toy", "toy.train.compile=true", "toy.train.max_steps=30", "toy.train.eval_interval=30").train
+    cpu = torch.device("cpu")
     runs = [
         train(
             build_model(params.model, dataset.vocab.size, params.train.seed),
             dataset,
             params=p,
-            device=torch.device("cpu"),
+            device=cpu,
             progress=False,
         )
+        for _ in range(2)
     ]
-    runs.append(
-        train(
-            build_model(params.model, dataset.vocab.size, params.train.seed),
-            dataset,
-            params=p,
-            device=torch.device("cpu"),
-            progress=False,
-        )
-    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert [h.train_loss for h in runs[0].history] == [h.train_loss for h in runs[1].history]
     assert runs[0].evals[-1].train_loss < runs[0].history[0].train_loss
