@@ -25,6 +25,18 @@ def test_the_metrics_file_counts_the_trials(swept):
     assert {"history.png", "intermediate.png"} <= {p.name for p in paths.tune_plots.iterdir()}
 
 
+def test_the_metrics_file_is_written_after_the_parent_run_ended(swept):
+    # DVC deletes it before running the stage: a sweep killed before its run ended leaves it missing
+    *_, paths, tracker, study = swept
+    parent = tracker.client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert paths.tune_metrics.stat().st_mtime * 1000 >= parent.info.end_time
+
+
+def test_every_trial_names_the_worker_that_ran_it(swept):
+    *_, study = swept
+    assert all(isinstance(t.user_attrs["worker_pid"], int) and t.user_attrs["worker_host"] for t in study.trials)
+
+
 def test_best_params_apply_as_overrides(swept):
     *_, paths, _, study = swept
     best = yaml.safe_load((paths.tune_dir / "best_params.yaml").read_text())

@@ -47,7 +47,8 @@ def running_trial_runs(params, tune, paths) -> list[str]:
         trials = load_study(params, tune, paths.root).trials
     except KeyError:  # the study is not created yet
         return []
-    return [t.user_attrs["mlflow_run_id"] for t in trials if t.state == TrialState.RUNNING and t.user_attrs]
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    return [t.user_attrs["mlflow_run_id"] for t in running if "mlflow_run_id" in t.user_attrs]
 
 
 def test_a_killed_workers_trial_is_marked_failed_and_the_sweep_continues(toy, tracker):

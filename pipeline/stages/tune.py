@@ -4,6 +4,7 @@ models/<ex>/tune/ (best parameters, trial table) and tune-plots/; logs a parent 
 run per trial, and registers the best trial's model. Several sweeps of one study may run at once:
 the study hands out its trials, and the example's lock is taken only to write the outputs."""
 
+from pipeline.files import write_json
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import example_lock
 from pipeline.paths import ExamplePaths
@@ -30,14 +31,18 @@ def tune_example(
         f"{paths.example}: study '{sweep.study_name}' in {safe_url(sweep.storage_url)}: {queued} trial(s) queued "
         f"to reach {tune.trials}, {tune.workers} worker(s); MLflow parent run {sweep.parent_run_id}"
     )
-    with stop_on_signals(at_once=True), tracker.active(sweep.parent_run_id):
-        run_workers(sweep, tune.workers, progress)
+    with stop_on_signals(at_once=True):
+        with tracker.active(sweep.parent_run_id):
+            run_workers(sweep, tune.workers, progress)
         # trials share the study with any other sweep of it; the outputs are written by one at a time
         with example_lock(paths.model_dir, wait=OUTPUTS_WAIT):
             summary = summarize(study)
             files = save_sweep_outputs(study, summary, sweep, paths)
             log_sweep(tracker, sweep, summary, files)
             register_best(tracker, tune, summary)
+            # last, with the parent run ended: DVC deletes a stage's outputs before it runs it, so a
+            # kill before this line leaves tune.json missing and the next `dvc repro` runs tune again
+            write_json(paths.tune_metrics, summary.metrics())
     print(sweep_report(summary, sweep, paths))
     return summary
 

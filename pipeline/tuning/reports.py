@@ -8,7 +8,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.files import write_folder, write_json, write_text
+from pipeline.files import write_folder, write_text
 from pipeline.paths import ExamplePaths
 from pipeline.plots import png_bytes
 from pipeline.schema import ExampleParams
@@ -59,11 +59,11 @@ def apply_command(config: dict) -> str:
 
 
 def save_sweep_outputs(study: optuna.Study, summary: SweepSummary, sweep: Sweep, paths: ExamplePaths):
-    """Best parameters, the trial table, the metrics file and the study's pictures; returns the files."""
+    """Best parameters, the trial table and the study's pictures; returns the files. The metrics file
+    is the tune stage's to write, last."""
     paths.tune_dir.mkdir(parents=True, exist_ok=True)
-    files = [paths.tune_dir / "trials.csv", paths.tune_metrics]
+    files = [paths.tune_dir / "trials.csv"]
     write_text(files[0], study.trials_dataframe().to_csv(index=False, float_format="%.6g"))
-    write_json(files[1], summary.metrics())
     if summary.best:
         config = best_config(sweep.params, sweep.tune, summary.best, paths.example)
         header = (

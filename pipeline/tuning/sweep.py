@@ -21,11 +21,12 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
+from pipeline.locks import pid_running, this_host
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.registry import log_model
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, TrainingLogger, flatten, process_is_dead, run_tags
+from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
 from pipeline.training import TrainCallbacks, train
 from pipeline.tuning.space import TuneParams, apply_values, baseline_values, check_space, suggest
 from pipeline.tuning.storage import (
@@ -146,12 +147,24 @@ def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial, why: str = 
         tracker.client.set_terminated(run_id, "FAILED")
 
 
+def claimed_by_this_process(trial: optuna.Trial) -> None:
+    """Name the trial's worker, so that a killed one is known dead at once (see fail_dead_trials)."""
+    trial.set_user_attr("worker_host", this_host())
+    trial.set_user_attr("worker_pid", os.getpid())
+
+
+def worker_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial's worker ran on this host and its process is gone; a trial of another host
+    is left to the heartbeat grace period."""
+    attrs = trial.user_attrs
+    return attrs.get("worker_host") == this_host() and not pid_running(int(attrs.get("worker_pid", 0)))
+
+
 def fail_dead_trials(study: optuna.Study, tracker: Tracker) -> None:
-    """Trials whose worker was killed on this host (its MLflow run says which process ran it) fail
-    now, not a heartbeat grace period later, and so do their runs."""
+    """Trials whose worker was killed on this host fail now, not a heartbeat grace period later, and
+    so do their runs."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and process_is_dead(tracker.client.get_run(run_id)):
+        if worker_is_dead(trial):
             study.tell(trial.number, state=TrialState.FAIL)
             end_stale_run(tracker, trial, "its worker process was killed")
 
@@ -175,6 +188,7 @@ def run_worker(sweep: Sweep, worker: int = 0, workers: int = 1, on_trial=None) -
     ran = 0
     lock = claim_lock(sweep.storage_url, sweep.study_name)
     while (trial := claim_trial(study, lock)) is not None:
+        claimed_by_this_process(trial)
         with heartbeat(storage, trial, sweep.tune.heartbeat_seconds):
             state = run_one(study, trial, lambda t: run_trial(sweep, t, dataset, tracker, device))
         ran += 1
