@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch, save_torch, write_bytes
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
 from pipeline.training import EvalRecord, StepRecord, TrainState
 
 CHECKPOINT_KEYS = {"model", "model_config", "vocab", "step", "best_val_loss", "optimizer"}
@@ -63,7 +63,7 @@ def _read(path: Path, device, required: set[str]) -> dict:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
     state = _read(path, device, CHECKPOINT_KEYS)
     try:
-        model = GPT(GPTConfig(**state["model_config"]))
+        model = GPT(GPTConfig(**(CLASSIC_BLOCK | state["model_config"])))
         model.load_state_dict(state["model"])
         vocab = Vocabulary(tuple(state["vocab"]))
     except (ValidationError, RuntimeError, TypeError, PipelineError) as e:

@@ -38,11 +38,10 @@ class Inspection:
         ]
 
 
-def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention module's output for `x` (B, T, C), and its weights (B, n_head, T, T)."""
     B, T, C = x.size()
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    q, k, v = attn.heads(x, rope)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
@@ -56,7 +55,7 @@ def forward_with_attention(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor,
     weights = []
 
     def explicit(module, args, _fused_output):
-        y, w = explicit_attention(module, args[0])
+        y, w = explicit_attention(module, args[0], args[1])
         weights.append(w)
         return y  # replaces the fused output: the layers above see the explicit path
 

@@ -1,13 +1,15 @@
 """A character-level GPT in the style of nanoGPT.
 
-Token and position embeddings, `n_layer` pre-norm transformer blocks with causal multi-head
-self-attention and a GELU MLP, a final LayerNorm and a language-model head whose weight is tied
-to the token embedding.
+Token embeddings, `n_layer` pre-norm transformer blocks with causal multi-head self-attention and
+an MLP, a final norm and a language-model head. The classic nanoGPT block (learned positions,
+LayerNorm, GELU, tied head) and the faster modern one (rotary positions, RMSNorm, QK-norm, ReLU²
+or SwiGLU, untied head, zero-initialised projections, soft-capped logits) are the same code, chosen
+by `ModelConfig`.
 """
 
 import dataclasses
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -31,10 +33,31 @@ class ModelConfig:
     n_embd: PositiveInt = 128
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     bias: bool = False
+    positions: Literal["learned", "rotary"] = "learned"  # rotary: samples may run past block_size
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    zero_init: bool = False  # residual projections and the untied head start at zero
+    logit_softcap: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # cap·tanh(logits/cap); 0: off
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary positions need an even head size, not {self.n_embd // self.n_head}")
+
+
+# nanoGPT's block: what a checkpoint saved before the block options existed was trained with
+CLASSIC_BLOCK = dict(
+    positions="learned",
+    norm="layernorm",
+    qk_norm=False,
+    mlp="gelu",
+    tie_embeddings=True,
+    zero_init=False,
+    logit_softcap=0.0,
+)
 
 
 @dataclass(config=STRICT)
@@ -45,72 +68,123 @@ class GPTConfig(ModelConfig):
 class KVCache:
     """Keys and values of every layer for the positions seen so far, for sampling.
 
-    Position embeddings are absolute, so the cache holds at most `block_size` positions; past
-    that, `GPT.generate` recomputes the cropped window as the uncached path does.
+    With learned positions it holds at most `block_size` positions; past that, `GPT.generate`
+    recomputes the cropped window as the uncached path does. With rotary positions attention is a
+    window sliding over the whole sample: the cache keeps the last `block_size - 1` positions, all
+    the next token may see besides itself, and stays valid as the sample grows.
     """
 
-    def __init__(self, n_layer: int, block_size: int):
-        self.n_layer, self.block_size = n_layer, block_size
-        self.keys = self.values = None  # (n_layer, B, n_head, block_size, head_size), made on first use
-        self.length = 0  # positions filled
+    def __init__(self, n_layer: int, keep: int):
+        self.keep = keep
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # positions seen so far
 
     def append(self, layer: int, k, v):
-        """Store `k`, `v` (B, n_head, T, head_size) after the filled positions; return all so far."""
-        if self.keys is None:  # the dtype autocast gives k and v, on their device
-            shape = (self.n_layer, *k.shape[:2], self.block_size, k.size(3))
-            self.keys, self.values = (torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2))
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        """Add `k`, `v` (B, n_head, T, head_size) after the positions held; return all of them."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k[:, :, -self.keep :], v[:, :, -self.keep :]
+        return k, v
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotate(x, rope):
+    """Rotary position embedding of `x` (B, n_head, T, head_size); `rope` = (cos, sin), (T, head_size/2)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def rotary_angles(positions: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, (T, head_size/2), computed in float64: positions of
+    a long sample reach 1e5, where float32 angles would drift."""
+    inv_freq = 10_000.0 ** -(torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = positions.cpu().double()[:, None] * inv_freq[None, :]
+    return angles.cos().float().to(positions.device), angles.sin().float().to(positions.device)
+
+
+def sliding_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys each query sees: its own and earlier positions, at most `window` of them."""
+    distance = q_positions[:, None] - k_positions[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def make_norm(config: "GPTConfig") -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: "GPTConfig"):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.qk_norm = config.n_head, config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def heads(self, x, rope=None):
+        """Queries, keys and values (B, n_head, T, head_size) of `x`, normalised and rotated as configured."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # a cache is filled from empty in one call, then one token at a time: a single new query
-        # may see every cached key, so only a multi-token call needs the causal mask
-        causal = cache is None or T > 1
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0):
+        """`mask`: which keys each query sees, when not simply causal (a window sliding past block_size)."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)
+        # a single new query may see every cached key, so only a multi-token call needs a mask
+        causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: "GPTConfig"):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        # SwiGLU's two input projections at 8/3 of the width keep the parameters of a 4x MLP
+        hidden = 4 * config.n_embd if config.mlp != "swiglu" else 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        self.c_fc = nn.Linear(config.n_embd, hidden * (2 if config.mlp == "swiglu" else 1), bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: "GPTConfig"):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -118,22 +192,33 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.rotary = config.positions == "rotary"
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=make_norm(config),
             )
         )
+        if not self.rotary:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if self.rotary:  # the angles of the training window, made once
+            rope = rotary_angles(torch.arange(config.block_size), config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", rope[0], persistent=False)
+            self.register_buffer("rope_sin", rope[1], persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(number of residual additions)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity
+                    torch.nn.init.zeros_(p)
+        if config.zero_init and not config.tie_embeddings:
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -145,35 +230,74 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.rotary else n
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions."""
-        start = cache.length if cache is not None else 0
+    def receptive_field(self) -> int:
+        """How many trailing tokens the last position's output depends on, with rotary positions:
+        each layer sees `block_size` positions back, its own included."""
+        return self.config.n_layer * (self.config.block_size - 1) + 1
+
+    def position_inputs(self, start: int, T: int, device):
+        """(rope, mask) for positions start..start+T-1: the rotary angles, and the sliding window
+        once a sequence runs past block_size (None while plain causal attention does)."""
+        if not self.rotary:
+            return None, None
+        window = self.config.block_size
+        if start + T <= window:
+            return (self.rope_cos[start : start + T], self.rope_sin[start : start + T]), None
+        positions = torch.arange(start, start + T, device=device)
+        rope = rotary_angles(positions, self.config.n_embd // self.config.n_head)
+        # a single query (after a cache) sees every key the cache returns: no mask then
+        return rope, sliding_mask(positions, positions, window) if T > 1 else None
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, start: int = 0):
+        """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions.
+
+        `start`: the position of idx's first token (rotary positions only), as when a long sample
+        is recomputed from its last tokens.
+        """
+        start = cache.length if cache is not None else start
         T = idx.size(1)
-        if self.config.block_size < start + T:
+        if not self.rotary and self.config.block_size < start + T:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         if cache is not None and start and T > 1:
             raise ValueError("a filled cache takes one token at a time")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if not self.rotary:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        rope, mask = self.position_inputs(start, T, idx.device)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, rope, mask, cache, layer)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))
+        if cap := self.config.logit_softcap:
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (weights, embeddings); leave biases and LayerNorm gains alone."""
+        """Decay matrices (weights, embeddings); leave biases and norm gains alone."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The blocks' 2-D weights: what Muon orthogonalises; embeddings, head and gains are not."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+    def recompute(self, idx):
+        """Logits of `idx` without a cache: its last block_size tokens with learned positions; with
+        rotary ones, the tokens the last position depends on, at their own positions."""
+        if not self.rotary:
+            return self(idx[:, -self.config.block_size :])
+        field = min(idx.size(1), self.receptive_field())
+        return self(idx[:, -field:], start=idx.size(1) - field)
 
     @torch.no_grad()
     def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
@@ -203,10 +327,11 @@ class GPT(nn.Module):
         cache = None
         steps = tqdm(range(max_new_tokens), "sampling", unit="token", leave=False, disable=None if progress else True)
         for _ in steps:
-            if not use_cache or idx.size(1) > self.config.block_size:
-                logits, _ = self(idx[:, -self.config.block_size :])
+            if not use_cache or (not self.rotary and idx.size(1) > self.config.block_size):
+                logits, _ = self.recompute(idx)
             elif cache is None:  # fill the cache with the prompt
-                cache = KVCache(self.config.n_layer, self.config.block_size)
+                keep = self.config.block_size - 1 if self.rotary else self.config.block_size
+                cache = KVCache(self.config.n_layer, keep)
                 logits, _ = self(idx, cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

@@ -69,6 +69,11 @@ class TrainParams:
     beta1: Beta = 0.9
     beta2: Beta = 0.99
     grad_clip: NonNegativeFloat = 1.0  # 0 turns clipping off
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.02  # follows the schedule's shape
+    muon_momentum: Beta = 0.95
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm up, hold, decay linearly over the cooldown
+    cooldown_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3  # of max_steps, for wsd
     eval_interval: PositiveInt = 250  # also how often the latest checkpoint is saved
     eval_batches: PositiveInt = 20
     seed: Seed = 1337

@@ -15,6 +15,7 @@ from pipeline.data import Dataset, random_batch
 from pipeline.device import autocast, cpu_threads, setup_device, to_device, uses_compile
 from pipeline.errors import Diverged
 from pipeline.model import GPT
+from pipeline.optim import Optimizers, learning_rate_at, make_optimizer, set_learning_rate
 from pipeline.schema import TrainParams
 
 
@@ -52,7 +53,7 @@ class TrainState:
 @dataclasses.dataclass
 class TrainResult:
     model: GPT
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Optimizers
     history: list[StepRecord]
     evals: list[EvalRecord]
     seconds: float
@@ -114,24 +115,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def learning_rate_at(step: int, params: TrainParams) -> float:
-    """Linear warm-up to `learning_rate`, then cosine decay to `min_lr` at `max_steps`."""
-    if step < params.warmup_steps:
-        return params.learning_rate * (step + 1) / params.warmup_steps
-    decay_steps = max(1, params.max_steps - params.warmup_steps)
-    progress = min(1.0, (step - params.warmup_steps) / decay_steps)
-    return params.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (params.learning_rate - params.min_lr)
-
-
-def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        model.optimizer_groups(params.weight_decay),
-        lr=params.learning_rate,
-        betas=(params.beta1, params.beta2),
-        fused=device.type == "cuda",
-    )
 
 
 EVAL_TOKENS = 32_768  # tokens per forward pass when evaluating: large batches, no gradients
@@ -251,8 +234,7 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
             raise reason
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
         with autocast(device, params.precision):
             _, loss = forward(to_device(x, device), to_device(y, device))

@@ -25,10 +25,13 @@ from .test_plots import png_size
 VOCAB = Vocabulary.from_text(" ACEILNORST")
 
 
-def sharp_model(bias: bool = False) -> GPT:
+OPTIONS = [{}, {"bias": True}, {"positions": "rotary", "norm": "rmsnorm"}, {"positions": "rotary", "qk_norm": True}]
+
+
+def sharp_model(**options) -> GPT:
     """A random model with large query/key weights, so its attention is far from uniform."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=8, vocab_size=VOCAB.size, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=bias)
+    config = GPTConfig(block_size=8, vocab_size=VOCAB.size, n_layer=2, n_head=4, n_embd=32, **options)
     model = GPT(config).eval()
     with torch.no_grad():
         for block in model.transformer.h:
@@ -36,22 +39,25 @@ def sharp_model(bias: bool = False) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_explicit_attention_gives_the_fused_modules_output(bias):
-    attn = sharp_model(bias).transformer.h[0].attn
+@pytest.mark.parametrize("options", OPTIONS)
+def test_explicit_attention_gives_the_fused_modules_output(options):
+    model = sharp_model(**options)
+    attn, (rope, _) = model.transformer.h[0].attn, model.position_inputs(0, 7, "cpu")
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
-        fused = attn(x)
-        explicit, weights = explicit_attention(attn, x)
+        fused = attn(x, rope)
+        explicit, weights = explicit_attention(attn, x, rope)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
     assert weights.shape == (3, 4, 7, 7)
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(3, 4, 7))
     assert (weights.triu(diagonal=1) == 0).all(), "a position attends to a later one"
-    assert weights.max() > 0.9, "the test model's attention should be sharp"
+    if not options.get("qk_norm"):  # normalised queries and keys cannot be sharpened by scaling
+        assert weights.max() > 0.9, "the test model's attention should be sharp"
 
 
-def test_the_explicit_path_gives_the_models_logits_and_leaves_no_hooks():
-    model = sharp_model()
+@pytest.mark.parametrize("options", OPTIONS)
+def test_the_explicit_path_gives_the_models_logits_and_leaves_no_hooks(options):
+    model = sharp_model(**options)
     idx = torch.randint(VOCAB.size, (2, 8))
     with torch.no_grad():
         fused, _ = model(idx)

@@ -103,7 +103,7 @@ def test_cached_logits_match_the_full_forward_position_by_position():
     model = GPT(config(block_size=12)).eval()
     idx = torch.randint(11, (3, 12))
     full, _ = model(idx)
-    cache = KVCache(model.config.n_layer, model.config.block_size)
+    cache = KVCache(model.config.n_layer, keep=model.config.block_size)
     steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.length == 12
@@ -140,3 +140,105 @@ def test_a_filled_cache_takes_one_token_at_a_time():
     model(torch.zeros(1, 16, dtype=torch.long), cache=full)
     with pytest.raises(ValueError, match="length 17 exceeds block_size 16"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=full)
+
+
+MODERN = dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=15.0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"positions": "rotary"},
+        {"norm": "rmsnorm"},
+        {"qk_norm": True},
+        {"mlp": "relu2"},
+        {"mlp": "swiglu"},
+        {"tie_embeddings": False},
+        {"logit_softcap": 10.0},
+        MODERN,
+    ],
+)
+def test_every_block_option_trains_causally_and_changes_the_model(overrides):
+    torch.manual_seed(4)
+    classic, model = GPT(config()).eval(), GPT(config(**overrides)).eval()
+    idx = torch.randint(11, (2, 12))
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % 11
+    torch.testing.assert_close(model(idx)[0][0, :7], model(changed)[0][0, :7])
+    torch.manual_seed(4)
+    assert not torch.allclose(GPT(config()).eval()(idx)[0], model(idx)[0])
+    _, loss = model.train()(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters()), "a parameter the loss never reaches"
+    assert classic.num_params() > 0
+
+
+def test_rotary_positions_have_no_position_table_and_need_an_even_head_size():
+    assert not hasattr(GPT(config(positions="rotary")).transformer, "wpe")
+    with pytest.raises(ValidationError, match="even head size"):
+        config(positions="rotary", n_embd=12, n_head=4)
+
+
+def test_swiglu_keeps_about_the_parameters_of_the_4x_mlp():
+    gelu, swiglu = GPT(config(n_embd=96, n_head=4)), GPT(config(n_embd=96, n_head=4, mlp="swiglu"))
+    assert abs(swiglu.num_params() / gelu.num_params() - 1) < 0.1
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    model = GPT(config(zero_init=True, tie_embeddings=False))
+    assert all((p == 0).all() for n, p in model.named_parameters() if n.endswith("c_proj.weight"))
+    assert (model.lm_head.weight == 0).all() and not (model.transformer.wte.weight == 0).all()
+
+
+def test_soft_capped_logits_stay_inside_the_cap():
+    model = GPT(config(logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    logits, _ = model(torch.randint(11, (2, 8)))
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9
+
+
+def test_hidden_matrices_are_the_blocks_2d_weights_only():
+    model = GPT(config(tie_embeddings=False))
+    hidden = {id(p) for p in model.hidden_matrices()}
+    assert id(model.lm_head.weight) not in hidden and id(model.transformer.wte.weight) not in hidden
+    assert len(hidden) == 4 * model.config.n_layer  # qkv, attention out, MLP in and out
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
+def test_rotary_generation_with_the_cache_equals_without_it_far_past_block_size(temperature, top_k):
+    """The attention window slides: the cache keeps its speed, and the uncached path recomputes
+    the tokens the last position depends on, at their own positions."""
+    torch.manual_seed(3)
+    model = GPT(config(block_size=6, n_layer=2, **MODERN)).eval()
+    start = torch.randint(11, (4, 3))
+    outs = [
+        model.generate(start, 30, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
+        for use_cache in (True, False)
+    ]
+    assert outs[0].shape == (4, 33) and torch.equal(outs[0], outs[1])
+
+
+def test_rotary_cached_logits_match_a_sliding_window_forward_past_block_size():
+    torch.manual_seed(2)
+    model = GPT(config(block_size=5, **MODERN)).eval()
+    idx = torch.randint(11, (2, 17))
+    full, _ = model(idx)  # longer than block_size: each position sees the 5 before it, its own included
+    cache = KVCache(model.config.n_layer, model.config.block_size - 1)
+    steps = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 17)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.keys[0].size(2) == 4  # the window's other positions, not the whole sample
+
+
+def test_rotary_generation_feeds_one_token_per_step_however_long_the_sample():
+    model = GPT(config(block_size=4, positions="rotary")).eval()
+    lengths = []
+    model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
+    model.generate(torch.zeros(2, 3, dtype=torch.long), 7)
+    assert lengths == [3, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("field", ["positions", "norm", "mlp"])
+def test_an_unknown_block_option_is_refused_naming_it(field):
+    with pytest.raises(ValidationError, match=field):
+        config(**{field: "nonsense"})

@@ -15,7 +15,6 @@ from pipeline.training import (
     EVAL_TOKENS,
     TrainCallbacks,
     fixed_batches,
-    learning_rate_at,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -23,28 +22,6 @@ from pipeline.training import (
 )
 
 from .helpers import tiny_params
-
-
-def schedule(**overrides):
-    keys = [f"toy.train.{k}={v}" for k, v in overrides.items()]
-    return tiny_params("toy", *keys).train
-
-
-def test_warm_up_is_linear_then_cosine_decays_to_min_lr():
-    p = schedule(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
-    assert learning_rate_at(0, p) == pytest.approx(1e-4)
-    assert learning_rate_at(4, p) == pytest.approx(5e-4)
-    assert learning_rate_at(10, p) == pytest.approx(1e-3)
-    assert learning_rate_at(55, p) == pytest.approx((1e-3 + 1e-4) / 2)
-    assert learning_rate_at(100, p) == pytest.approx(1e-4)
-    assert learning_rate_at(500, p) == pytest.approx(1e-4)
-    decay = [learning_rate_at(s, p) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-
-
-def test_no_warm_up_starts_at_the_peak():
-    p = schedule(max_steps=50, warmup_steps=0, learning_rate=2e-3, min_lr=0)
-    assert learning_rate_at(0, p) == pytest.approx(2e-3)
 
 
 def test_training_lowers_the_loss_and_evaluates_on_schedule(toy):
@@ -216,9 +193,21 @@ def stop_before(step: int):
     return lambda: Stopped("stopped by test", signal.SIGINT) if next(calls) >= step else None
 
 
-def test_a_stopped_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(toy, tmp_path):
+MODERN_RECIPE = [
+    "toy.model.positions=rotary",
+    "toy.model.norm=rmsnorm",
+    "toy.model.qk_norm=true",
+    "toy.model.mlp=relu2",
+    "toy.model.tie_embeddings=false",
+    "toy.train.optimizer=muon",
+    "toy.train.schedule=wsd",
+]
+
+
+@pytest.mark.parametrize("recipe", [[], MODERN_RECIPE], ids=["classic", "modern"])
+def test_a_stopped_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(toy, tmp_path, recipe):
     _, _, dataset = toy
-    params, cpu = tiny_params("toy", "toy.model.dropout=0.1"), torch.device("cpu")  # dropout: the RNG state counts
+    params, cpu = tiny_params("toy", "toy.model.dropout=0.1", *recipe), torch.device("cpu")  # dropout: the RNG counts
     whole = train(
         build_model(params.model, dataset.vocab.size, params.train.seed),
         dataset,
