@@ -20,6 +20,8 @@ from .helpers import ROOT, sweep_params
         ("toy.tune.pruner.kind=medain", "toy.tune.pruner.kind: Input should be"),
         ("toy.tune.sampler.kind=cmaes", "toy.tune.sampler.kind: Input should be"),
         ("toy.tune.space={}", "the search space is empty"),
+        ("toy.tune.space.mlp={choices: []}", "toy.tune.space.mlp.choices: Value should have at least 1 item"),
+        ("toy.tune.space.qk_norm={low: 0, high: 1}", "toy.tune.space.qk_norm"),
     ],
 )
 def test_bad_tune_params_are_refused_before_anything_is_written(override, message, toy, capsys, monkeypatch):
@@ -39,6 +41,12 @@ def test_bad_tune_params_are_refused_before_anything_is_written(override, messag
         (["toy.tune.space.learning_rate={low: 1.0e-4, high: 1.0e-3}"], "does not contain the params.yaml value"),
         (["toy.tune.space.head_size=null", "toy.tune.space.n_head={choices: [3, 5]}"], "no value in [3, 5] divides"),
         (["toy.tune.space.warmup_steps={low: 0, high: 50}"], "warmup_steps = 50 gives an invalid configuration"),
+        (["toy.tune.space.mlp={choices: [relu2, swiglu]}"], "does not contain the params.yaml value"),
+        (["toy.tune.space.mlp={choices: [gelu, swish]}"], "mlp = swish gives an invalid configuration"),
+        (
+            ["toy.tune.space.positions={choices: [learned, rotary]}", "toy.tune.space.head_size={choices: [3, 16]}"],
+            "head_size = 3 with positions = rotary gives an invalid configuration: rotary",
+        ),
     ],
 )
 def test_a_space_that_cannot_hold_the_baseline_or_a_valid_model_is_refused(extra, message):
@@ -60,3 +68,26 @@ def test_every_suggested_configuration_is_a_valid_model(with_head_size):
             assert model.n_embd == values["n_head"] * values["head_size"]
         else:
             assert model.n_embd == params.model.n_embd
+
+
+def test_the_block_and_the_optimizer_can_be_tuned_and_the_best_reads_back_as_params():
+    from pipeline.tuning.reports import best_config
+
+    extra = [
+        "toy.tune.space.positions={choices: [learned, rotary]}",
+        "toy.tune.space.qk_norm={choices: [false, true]}",
+        "toy.tune.space.optimizer={choices: [adamw, muon]}",
+        "toy.tune.space.muon_lr={low: 0.01, high: 0.05, log: true}",
+    ]
+    params, tune = sweep_params(*extra)
+    check_space(params, tune)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        tuned = apply_values(params, tune, suggest(trial, tune.space, params.model.n_embd))
+        seen.add((tuned.model.positions, tuned.model.qk_norm, tuned.train.optimizer))
+        study.tell(trial, 1.0)
+    assert len(seen) == 8  # every combination was drawn
+    config = best_config(params, tune, study.best_trial, "toy")["toy"]
+    assert {"positions", "qk_norm"} <= set(config["model"]) and {"optimizer", "muon_lr"} <= set(config["train"])

@@ -1,6 +1,7 @@
 """What a sweep tunes: the `tune` section's schema, and how a trial's values become a model and a recipe."""
 
 import dataclasses
+import itertools
 from typing import Annotated, Literal
 
 import optuna
@@ -13,7 +14,8 @@ from pipeline.errors import PipelineError
 from pipeline.model import STRICT
 from pipeline.schema import ExampleParams
 
-MODEL_KEYS = {"n_layer", "n_head", "dropout"}
+MODEL_KEYS = {"n_layer", "n_head", "dropout", "positions", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init"}
+MODEL_KEYS |= {"logit_softcap"}
 
 
 @dataclass(config=STRICT)
@@ -41,6 +43,13 @@ class FloatRange:
 
     def __post_init__(self):
         _check_range(self)
+
+
+@dataclass(config=STRICT)
+class Choice:
+    """An option to tune among `choices`: names (`[rotary, learned]`) or switches (`[true, false]`)."""
+
+    choices: Annotated[list[bool] | list[str], Field(min_length=1)]
 
 
 def _check_range(space) -> None:
@@ -76,6 +85,17 @@ class SearchSpace:
     weight_decay: FloatRange | None = None
     batch_size: IntRange | None = None
     warmup_steps: IntRange | None = None
+    muon_lr: FloatRange | None = None
+    logit_softcap: FloatRange | None = None
+    cooldown_fraction: FloatRange | None = None
+    positions: Choice | None = None
+    norm: Choice | None = None
+    qk_norm: Choice | None = None
+    mlp: Choice | None = None
+    tie_embeddings: Choice | None = None
+    zero_init: Choice | None = None
+    optimizer: Choice | None = None
+    schedule: Choice | None = None
 
     def __post_init__(self):
         for name, (low, high) in SPACE_LIMITS.items():
@@ -97,7 +117,11 @@ SPACE_LIMITS = {  # (lowest allowed, upper bound excluded)
     "weight_decay": (0.0, None),
     "batch_size": (1, None),
     "warmup_steps": (0, None),
+    "muon_lr": (1e-12, None),
+    "logit_softcap": (0.0, None),
+    "cooldown_fraction": (1e-12, 1.0 + 1e-12),
 }
+SPACE_KEYS = [field.name for field in dataclasses.fields(SearchSpace)]
 
 
 @dataclass(config=STRICT)
@@ -135,7 +159,7 @@ class TuneParams:
 
 
 TUNE_SCHEMA = TypeAdapter(TuneParams)
-TUNE_CLASSES = (IntRange, FloatRange, SearchSpace, SamplerParams, PrunerParams, TuneParams)
+TUNE_CLASSES = (IntRange, FloatRange, Choice, SearchSpace, SamplerParams, PrunerParams, TuneParams)
 
 
 def parse_tune(params: ExampleParams, example: str) -> TuneParams:
@@ -145,7 +169,7 @@ def parse_tune(params: ExampleParams, example: str) -> TuneParams:
     return validate(TUNE_SCHEMA, params.tune, f"the tune section of '{example}'", TUNE_CLASSES, (example, "tune"))
 
 
-def _values(space: IntRange | FloatRange) -> list:
+def _values(space: IntRange | FloatRange | Choice) -> list:
     if space.choices is not None:
         return list(space.choices)
     if isinstance(space, IntRange) and not space.log:
@@ -169,7 +193,7 @@ def head_choices(space: SearchSpace, n_embd: int) -> list[int]:
 def suggest(trial: optuna.Trial, space: SearchSpace, n_embd: int) -> dict:
     """One value for every key in the space, drawn by the trial's sampler."""
     values = {}
-    for name in SPACE_LIMITS:
+    for name in SPACE_KEYS:
         if (param := getattr(space, name)) is None:
             continue
         if name == "n_head" and space.head_size is None:
@@ -201,10 +225,15 @@ def baseline_values(params: ExampleParams, space: SearchSpace) -> dict:
     """The params.yaml configuration, as values of the search space: the sweep's first trial."""
     current = dataclasses.asdict(params.model) | dataclasses.asdict(params.train)
     current["head_size"] = params.model.n_embd // params.model.n_head
-    values = {name: current[name] for name in SPACE_LIMITS if getattr(space, name) is not None}
+    values = {name: current[name] for name in SPACE_KEYS if getattr(space, name) is not None}
     for name, value in values.items():
         param = getattr(space, name)
         allowed = head_choices(space, params.model.n_embd) if name == "n_head" else None
+        if isinstance(param, Choice) and value not in param.choices:
+            raise PipelineError(
+                f"tune.space.{name} does not contain the params.yaml value {value}, which the sweep runs first "
+                "as its baseline: add it to the choices"
+            )
         inside = value in (allowed or param.choices or []) or (
             allowed is None and param.choices is None and param.low <= value <= param.high
         )
@@ -217,16 +246,26 @@ def baseline_values(params: ExampleParams, space: SearchSpace) -> dict:
 
 
 def check_space(params: ExampleParams, tune: TuneParams) -> None:
-    """Every corner of the space gives a valid configuration, before any trial starts."""
+    """Every corner of the space, alone and with every other key's corners (rotary positions need
+    an even head size), gives a valid configuration, before any trial starts."""
     space = tune.space
-    corners = {name: _values(getattr(space, name)) for name in SPACE_LIMITS if getattr(space, name) is not None}
+    corners = {name: _values(getattr(space, name)) for name in SPACE_KEYS if getattr(space, name) is not None}
     if "n_head" in corners:
         corners["n_head"] = head_choices(space, params.model.n_embd)
+    corners = {
+        name: values if isinstance(getattr(space, name), Choice) else sorted({min(values), max(values)})
+        for name, values in corners.items()
+    }
     base = baseline_values(params, space)
-    for name, values in corners.items():
-        for value in {min(values), max(values)}:
+    for first, second in itertools.combinations_with_replacement(corners, 2):
+        for a, b in itertools.product(corners[first], corners[second]):
+            if first == second and a != b:
+                continue
             try:
-                apply_values(params, tune, base | {name: value})
+                apply_values(params, tune, base | {first: a, second: b})
             except pydantic.ValidationError as e:
                 reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in e.errors())
-                raise PipelineError(f"tune.space.{name} = {value} gives an invalid configuration: {reasons}") from None
+                together = f" with {second} = {b}" if first != second else ""
+                raise PipelineError(
+                    f"tune.space.{first} = {a}{together} gives an invalid configuration: {reasons}"
+                ) from None

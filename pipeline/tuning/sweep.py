@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pydantic
 import torch
 from optuna.trial import TrialState
 
@@ -83,7 +84,11 @@ def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: st
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Tracker, device) -> float:
     """The objective: train with the trial's values, report every evaluation, return the final val loss."""
-    params = apply_values(sweep.params, sweep.tune, suggest(trial, sweep.tune.space, sweep.params.model.n_embd))
+    values = suggest(trial, sweep.tune.space, sweep.params.model.n_embd)
+    try:
+        params = apply_values(sweep.params, sweep.tune, values)
+    except pydantic.ValidationError as e:  # a combination of three or more keys check_space did not try
+        raise PipelineError(f"{values} is not a valid configuration: {e}") from None
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     run_params = flatten({key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")})
     run_id = tracker.start_run(
