@@ -1,17 +1,22 @@
-"""Time to quality: how low the validation loss gets per second of training.
+"""Time to quality, side by side: the reference (nanoGPT's recipe) and the candidate (the example's
+params and any --set or --set-file, which change the candidate only), one after the other in one
+run on one machine; both train on the candidate's data.
 
-Trains the example's configuration (params.yaml, plus any --set) through the pipeline's own loop,
-evaluating every `--eval-interval` steps, and prints the validation loss reached after each time
-budget and the seconds to reach each target loss. Seconds count training steps only, not the
-evaluations the benchmark adds; the schedule is the configuration's own (step-based).
+Each trains through the pipeline's own loop; every `--eval-interval` steps the benchmark measures
+the loss on the whole validation split, outside the clock: seconds count training steps only. It
+reports, for each side, the seconds to the reference's final validation loss and the loss reached
+within the reference's training seconds, and the two ratios; then the loss after each time budget
+and the seconds to each target loss.
 
     python -m benchmarks.time_to_quality --help
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 from benchmarks.common import (
+    ROOT,
     add_common_arguments,
     example_config,
     format_table,
@@ -19,22 +24,33 @@ from benchmarks.common import (
     machine,
     run_benchmark,
 )
+from pipeline.config import example_params, load_params
 from pipeline.device import pick_device
 from pipeline.evaluation import eval_windows, split_loss
 from pipeline.model import build_model
+from pipeline.overrides import read_overrides_file
+from pipeline.schema import ExampleParams
 from pipeline.training import StepRecord, TrainCallbacks, train
+
+REFERENCE = ROOT / "overrides" / "nanogpt.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.time_to_quality",
         description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m benchmarks.time_to_quality   (Shakespeare defaults, about 2.5 minutes)",
+        epilog="Example: python -m benchmarks.time_to_quality   (Shakespeare: reference, then defaults; ~6 minutes)",
     )
     add_common_arguments(parser)
+    parser.add_argument(
+        "--reference",
+        type=lambda text: None if text == "none" else Path(text),
+        default=REFERENCE,
+        help="the reference's overrides file, on top of params.yaml; none: no reference (default: %(default)s)",
+    )
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
     parser.add_argument("--budgets", default="30,60,120", help="seconds of training (default: %(default)s)")
-    parser.add_argument("--targets", default="2.0,1.9,1.8", help="validation losses (default: %(default)s)")
+    parser.add_argument("--targets", default="2.0,1.9,1.8,1.7", help="validation losses (default: %(default)s)")
     return parser
 
 
@@ -42,61 +58,133 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def run(args) -> dict:
-    args.overrides = [*args.overrides, f"{args.example}.train.eval_interval={args.eval_interval}"]
-    params = example_config(args)
-    dataset = load_example(params, args.example)
+def train_timeline(label: str, params: ExampleParams, dataset, interval: int) -> dict:
+    """Train `params`; the validation loss on the whole split against training seconds."""
     device = pick_device(params.train.device)
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
+    windows = eval_windows(dataset, "val", params.model.block_size)
     tokens = params.train.batch_size * params.model.block_size
-    clock = {"seconds": 0.0}  # training seconds so far: the step times, not the evaluations
+    clock = {"seconds": 0.0}
     timeline = []
 
     def on_step(record: StepRecord) -> None:
         clock["seconds"] += tokens / record.tokens_per_sec
 
     def on_eval(record) -> None:
-        timeline.append({"step": record.step, "seconds": clock["seconds"], "val_loss": record.val_loss})
-        print(f"  {clock['seconds']:6.1f} s, step {record.step}: val loss {record.val_loss:.4f}", flush=True)
+        loss = split_loss(model, windows, 256, device, params.train.precision)
+        model.train()
+        timeline.append({"step": record.step, "seconds": clock["seconds"], "val_loss": loss})
+        print(f"  {label}: {clock['seconds']:6.1f} s, step {record.step}: val loss {loss:.4f}", flush=True)
 
-    print(f"{args.example}: {model.num_params():,} parameters, {params.train.max_steps} steps on {device}", flush=True)
+    print(f"{label}: {model.num_params():,} parameters, {params.train.max_steps} steps on {device}", flush=True)
     callbacks = TrainCallbacks(on_step=on_step, on_eval=on_eval)
     result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
-    whole_val = split_loss(
-        result.model, eval_windows(dataset, "val", params.model.block_size), 256, device, params.train.precision
-    )
-    budgets = [
-        {"budget_s": b, "val_loss": next((e["val_loss"] for e in reversed(timeline) if e["seconds"] <= b), None)}
-        for b in floats(args.budgets)
-    ]
-    targets = [
-        {"target": t, "seconds": next((e["seconds"] for e in timeline if e["val_loss"] <= t), None)}
-        for t in floats(args.targets)
-    ]
     return {
-        "benchmark": "time_to_quality",
-        "command": " ".join(["python -m benchmarks.time_to_quality", *sys.argv[1:]]),
-        "machine": machine(device),
-        "example": args.example,
+        "label": label,
         "train_seconds": clock["seconds"],
         "steps": result.steps,
         "tokens_per_sec": result.steps * tokens / clock["seconds"],
+        "ms_per_step": clock["seconds"] / result.steps * 1e3,
         "final_val_loss": timeline[-1]["val_loss"],
-        "whole_split_val_loss": whole_val,
-        "budgets": budgets,
-        "targets": targets,
         "timeline": timeline,
     }
 
 
+def seconds_to(timeline: list[dict], target: float) -> float | None:
+    """When the loss first reached `target`, interpolated between the evaluations around it."""
+    before = {"seconds": 0.0, "val_loss": float("inf")}
+    for point in timeline:
+        if point["val_loss"] <= target:
+            if before["val_loss"] == float("inf"):
+                return point["seconds"]
+            share = (before["val_loss"] - target) / (before["val_loss"] - point["val_loss"])
+            return before["seconds"] + share * (point["seconds"] - before["seconds"])
+        before = point
+    return None
+
+
+def loss_at(timeline: list[dict], seconds: float) -> float | None:
+    """The loss after `seconds` of training, interpolated; a run that ended sooner keeps its last."""
+    before = None
+    for point in timeline:
+        if point["seconds"] >= seconds:
+            if before is None:
+                return None
+            share = (seconds - before["seconds"]) / (point["seconds"] - before["seconds"])
+            return before["val_loss"] + share * (point["val_loss"] - before["val_loss"])
+        before = point
+    return timeline[-1]["val_loss"]
+
+
+def side_params(args, overrides: list[str]) -> ExampleParams:
+    loop = [f"{args.example}.train.eval_interval={args.eval_interval}", f"{args.example}.train.eval_batches=1"]
+    return example_params(load_params(args.params, overrides + loop), args.example, args.params)
+
+
+def run(args) -> dict:
+    candidate_params = example_config(args)  # folds --set-file into args.overrides
+    sides = [("candidate", side_params(args, args.overrides))]
+    if args.reference:
+        sides.insert(0, ("reference", side_params(args, read_overrides_file(args.reference))))
+    dataset = load_example(candidate_params, args.example)
+    runs = [train_timeline(label, params, dataset, args.eval_interval) for label, params in sides]
+    reference = runs[0] if args.reference else None
+    for side in runs:
+        side["budgets"] = [{"budget_s": b, "val_loss": loss_at(side["timeline"], b)} for b in floats(args.budgets)]
+        side["targets"] = [{"target": t, "seconds": seconds_to(side["timeline"], t)} for t in floats(args.targets)]
+        if reference:
+            side["seconds_to_reference_loss"] = seconds_to(side["timeline"], reference["final_val_loss"])
+            side["loss_at_reference_seconds"] = loss_at(side["timeline"], reference["train_seconds"])
+    ratios = {}
+    if reference and (seconds := runs[-1]["seconds_to_reference_loss"]):
+        ratios["time_to_reference_loss"] = reference["seconds_to_reference_loss"] / seconds
+    if reference:
+        ratios["tokens_per_sec"] = runs[-1]["tokens_per_sec"] / reference["tokens_per_sec"]
+    return {
+        "benchmark": "time_to_quality",
+        "command": " ".join(["python -m benchmarks.time_to_quality", *sys.argv[1:]]),
+        "machine": machine(pick_device(candidate_params.train.device)),
+        "example": args.example,
+        "reference_file": str(args.reference) if args.reference else None,
+        "sides": runs,
+        "ratios": ratios,
+    }
+
+
+SIDE_COLUMNS = {
+    "label": "{}",
+    "steps": "{}",
+    "train_seconds": "{:.1f}",
+    "ms_per_step": "{:.1f}",
+    "tokens_per_sec": "{:,.0f}",
+    "final_val_loss": "{:.4f}",
+    "seconds_to_reference_loss": "{:.1f}",
+    "loss_at_reference_seconds": "{:.4f}",
+}
+
+
 def report(results: dict) -> None:
-    print(format_table(results["budgets"], {"budget_s": "{:g}", "val_loss": "{:.4f}"}))
-    print(format_table(results["targets"], {"target": "{:.2f}", "seconds": "{:.1f}"}))
-    print(
-        f"{results['steps']} steps in {results['train_seconds']:.1f} s of training "
-        f"({results['tokens_per_sec']:,.0f} tokens/s); final val loss {results['final_val_loss']:.4f} "
-        f"(whole validation split: {results['whole_split_val_loss']:.4f})"
-    )
+    print(format_table(results["sides"], SIDE_COLUMNS))
+    for side in results["sides"]:
+        budgets = ", ".join(
+            f"{b['budget_s']:g} s: {b['val_loss']:.4f}" if b["val_loss"] is not None else f"{b['budget_s']:g} s: -"
+            for b in side["budgets"]
+        )
+        targets = ", ".join(
+            f"{t['target']:g} at {t['seconds']:.1f} s" if t["seconds"] is not None else f"{t['target']:g} never"
+            for t in side["targets"]
+        )
+        print(f"{side['label']}: loss after {budgets}; reached {targets}")
+    if ratio := results["ratios"].get("time_to_reference_loss"):
+        reference = results["sides"][0]
+        print(
+            f"time to the reference's final loss {reference['final_val_loss']:.4f}: {ratio:.2f}x faster; "
+            f"loss within the reference's {reference['train_seconds']:.1f} s: "
+            f"{results['sides'][-1]['loss_at_reference_seconds']:.4f} (reference {reference['final_val_loss']:.4f}); "
+            f"tokens/s {results['ratios']['tokens_per_sec']:.2f}x"
+        )
+    elif results["reference_file"]:
+        print("the candidate never reached the reference's final loss")
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,12 @@
 """Training-step speed of one configuration in several variants, side by side, in one run.
 
-Each variant (float32 or bf16 autocast, eager or torch.compile) at each batch size trains for
-`--steps` steps through the pipeline's own loop (`pipeline.training.train`), in a fresh process so
-that compilation caches, threads and peak memory do not carry over. The table gives ms per step
-(median of the second half of the steps), tokens/s, achieved GFLOP/s as a share of a matrix-product
-peak measured in the same run, peak memory, and the losses after the same number of steps.
+The reference (nanoGPT's recipe, overrides/nanogpt.txt: float32, eager, its own batch of 12) runs
+first, and every variant's tokens/s is given against it. Each variant (float32 or bf16 autocast,
+eager or torch.compile) at each batch size trains for `--steps` steps through the pipeline's own
+loop (`pipeline.training.train`), in a fresh process so that compilation caches, threads and peak
+memory do not carry over. The table gives ms per step (median of the second half of the steps),
+tokens/s, achieved GFLOP/s as a share of a matrix-product peak measured in the same run, peak
+memory, and the losses after the same number of steps.
 
     python -m benchmarks.train_step --help
 """
@@ -15,10 +17,12 @@ import multiprocessing
 import resource
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
+    ROOT,
     add_common_arguments,
     example_config,
     flops_per_token,
@@ -31,6 +35,9 @@ from benchmarks.common import (
 from pipeline.config import example_params, load_params
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
+from pipeline.overrides import read_overrides_file
+
+REFERENCE = ROOT / "overrides" / "nanogpt.txt"
 
 VARIANTS = {
     "float32": ("float32", False),
@@ -44,7 +51,7 @@ COLUMNS = {
     "threads": "{}",
     "ms_per_step": "{:.2f}",
     "tokens_per_sec": "{:,.0f}",
-    "speedup": "{:.2f}x",
+    "vs_reference": "{:.2f}x",
     "gflops": "{:.1f}",
     "peak_share": "{:.0%}",
     "first_step_s": "{:.2f}",
@@ -71,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", help="comma-separated CPU thread counts (default: the example's train.threads)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per variant (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every variant, keep its fastest round")
+    parser.add_argument(
+        "--reference",
+        type=lambda text: None if text == "none" else Path(text),
+        default=REFERENCE,
+        help="the reference's overrides file, on top of params.yaml; none: no reference (default: %(default)s)",
+    )
     parser.add_argument("--matmul-size", type=int, default=2048, help="matrix side for the peak (default: 2048)")
     return parser
 
@@ -145,13 +158,22 @@ def run(args) -> dict:
     )
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [params.train.threads]
     jobs = [(variant, batch, n) for n in threads for batch in batches for variant in variants]
+    if args.reference:
+        reference_params = load_params(args.params, read_overrides_file(args.reference))
+        reference = example_params(reference_params, args.example, args.params)
+        jobs.insert(0, ("reference", reference.train.batch_size, threads[0]))
     best = {}
     for _ in range(args.rounds):  # rounds interleave the variants: a busy spell hits them all alike
         for job in jobs:
             variant, batch, n = job
-            overrides = args.overrides + job_overrides(
-                args.example, variant, batch, n, args.steps, params.train.warmup_steps
-            )
+            if variant == "reference":
+                overrides = read_overrides_file(args.reference) + job_overrides(
+                    args.example, "float32", batch, n, args.steps, reference.train.warmup_steps
+                )
+            else:
+                overrides = args.overrides + job_overrides(
+                    args.example, variant, batch, n, args.steps, params.train.warmup_steps
+                )
             figures = in_fresh_process(args.params, args.example, overrides)
             if job not in best or figures["ms_per_step"] < best[job]["ms_per_step"]:
                 best[job] = figures
@@ -164,10 +186,10 @@ def run(args) -> dict:
         rows.append(
             {"variant": variant, "batch": batch, "threads": n or torch.get_num_threads()}
             | figures
-            | {"gflops": gflops, "peak_share": gflops / peaks[VARIANTS[variant][0]]}
+            | {"gflops": gflops, "peak_share": gflops / peaks[VARIANTS.get(variant, ("float32",))[0]]}
         )
-    for row in rows:
-        row["speedup"] = row["tokens_per_sec"] / rows[0]["tokens_per_sec"]
+    for row in rows:  # against the reference, or else the first variant
+        row["vs_reference"] = row["tokens_per_sec"] / rows[0]["tokens_per_sec"]
     return {
         "benchmark": "train_step",
         "command": " ".join(["python -m benchmarks.train_step", *sys.argv[1:]]),

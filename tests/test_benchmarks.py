@@ -42,7 +42,9 @@ def test_every_benchmark_has_help(name):
     assert result.returncode == 0 and b"--json" in result.stdout
 
 
-def test_train_step_compares_variants_with_every_figure(tmp_path):
+def test_train_step_compares_variants_with_every_figure_against_the_reference(tmp_path):
+    reference = tmp_path / "reference.txt"
+    reference.write_text("toy.train.batch_size=4\ntoy.model.n_layer=1\ntoy.model.n_embd=32\n")
     results = run_benchmark(
         "train_step",
         *TINY_TOY,
@@ -56,10 +58,13 @@ def test_train_step_compares_variants_with_every_figure(tmp_path):
         "6",
         "--matmul-size",
         "128",
+        "--reference",
+        str(reference),
         tmp_path=tmp_path,
     )
     rows = results["rows"]
     assert [(r["variant"], r["batch"]) for r in rows] == [
+        ("reference", 4),
         ("float32", 8),
         ("bfloat16", 8),
         ("float32", 16),
@@ -69,7 +74,7 @@ def test_train_step_compares_variants_with_every_figure(tmp_path):
         assert row["ms_per_step"] > 0 and row["tokens_per_sec"] > 0 and row["peak_mem_mib"] > 0
         assert row["peak_share"] > 0 and row["gflops"] > 0 and row["threads"] == 1
         assert row["val_loss"] > 0 and row["train_loss"] > 0
-    assert rows[0]["speedup"] == 1.0
+    assert rows[0]["vs_reference"] == 1.0 and rows[1]["vs_reference"] > 1  # twice the batch, the same model
     assert set(results["matmul_peak_gflops"]) == {"float32", "bfloat16"}
     assert results["machine"]["device"] == "cpu" and len(results["machine"]["load_average"]) == 3
 
@@ -84,7 +89,10 @@ def test_an_unknown_variant_is_refused():
     assert result.returncode == 2 and "unknown variant float16" in result.stderr
 
 
-def test_time_to_quality_reports_budgets_and_targets(tmp_path):
+def test_time_to_quality_runs_the_reference_then_the_candidate_and_compares_them(tmp_path):
+    reference = tmp_path / "reference.txt"
+    weaker = ["toy.train.learning_rate=1e-4", "toy.train.min_lr=1e-5", "toy.train.max_steps=20"]
+    reference.write_text("# a weaker recipe\n" + "\n".join([*weaker, "toy.train.warmup_steps=5"]) + "\n")
     results = run_benchmark(
         "time_to_quality",
         *TINY_TOY,
@@ -92,20 +100,49 @@ def test_time_to_quality_reports_budgets_and_targets(tmp_path):
         "toy.train.max_steps=40",
         "--set",
         "toy.train.warmup_steps=5",
+        "--reference",
+        str(reference),
         "--eval-interval",
         "10",
         "--budgets",
-        "0.001,1000",
+        "0.000001,1000",
         "--targets",
         "100,0.01",
         tmp_path=tmp_path,
     )
-    assert [e["step"] for e in results["timeline"]] == [10, 20, 30, 40]
-    early, late = results["budgets"]
-    assert early["val_loss"] is None and late["val_loss"] == results["final_val_loss"]
-    reached, missed = results["targets"]
-    assert reached["seconds"] == results["timeline"][0]["seconds"] > 0 and missed["seconds"] is None
-    assert results["whole_split_val_loss"] > 0 and results["steps"] == 40
+    ref, candidate = results["sides"]
+    assert (ref["label"], ref["steps"], candidate["label"], candidate["steps"]) == ("reference", 20, "candidate", 40)
+    assert [e["step"] for e in candidate["timeline"]] == [10, 20, 30, 40]
+    early, late = candidate["budgets"]
+    assert early["val_loss"] is None and late["val_loss"] == candidate["final_val_loss"]
+    reached, missed = candidate["targets"]
+    assert reached["seconds"] == candidate["timeline"][0]["seconds"] > 0 and missed["seconds"] is None
+    assert ref["seconds_to_reference_loss"] <= ref["train_seconds"]
+    assert candidate["final_val_loss"] < ref["final_val_loss"]  # ten times the learning rate, twice the steps
+    ratio = results["ratios"]["time_to_reference_loss"]
+    assert ratio == pytest.approx(ref["seconds_to_reference_loss"] / candidate["seconds_to_reference_loss"])
+    assert candidate["loss_at_reference_seconds"] < ref["final_val_loss"]
+
+
+def test_time_to_quality_without_a_reference_measures_the_candidate_alone(tmp_path):
+    args = ["--set", "toy.train.max_steps=10", "--set", "toy.train.warmup_steps=2", "--eval-interval", "5"]
+    args += ["--reference", "none"]
+    results = run_benchmark("time_to_quality", *TINY_TOY, *args, tmp_path=tmp_path)
+    assert [side["label"] for side in results["sides"]] == ["candidate"] and results["ratios"] == {}
+
+
+def test_the_reference_is_nanogpts_recipe_in_full():
+    from pipeline.config import load_params
+    from pipeline.overrides import read_overrides_file
+
+    lines = read_overrides_file(ROOT / "overrides" / "nanogpt.txt")
+    reference = load_params(ROOT / "params.yaml", lines)["shakespeare"]
+    assert (reference.model.n_layer, reference.model.n_head, reference.model.n_embd) == (4, 4, 128)
+    assert (reference.model.block_size, reference.train.batch_size, reference.train.max_steps) == (64, 12, 2000)
+    assert (reference.model.positions, reference.model.norm, reference.model.mlp) == ("learned", "layernorm", "gelu")
+    assert reference.model.tie_embeddings and reference.train.optimizer == "adamw"
+    assert (reference.train.learning_rate, reference.train.min_lr, reference.train.beta2) == (1e-3, 1e-4, 0.99)
+    assert reference.train.schedule == "cosine" and reference.train.warmup_steps == 100
 
 
 def test_sampling_reports_both_speeds_and_the_same_tokens_with_and_without_the_cache(tmp_path):
