@@ -3,10 +3,12 @@ params and any --set or --set-file, which change the candidate only), one after 
 run on one machine; both train on the candidate's data.
 
 Each trains through the pipeline's own loop; every `--eval-interval` steps the benchmark measures
-the loss on the whole validation split, outside the clock: seconds count training steps only. It
+the loss on the whole validation split in float32, outside the clock: seconds count training
+steps only. It
 reports, for each side, the seconds to the reference's final validation loss and the loss reached
 within the reference's training seconds, and the two ratios; then the loss after each time budget
-and the seconds to each target loss.
+and the seconds to each target loss. For a word list, also the share of real words among 1,000
+sampled (the evaluate stage's `valid_share`).
 
     python -m benchmarks.time_to_quality --help
 """
@@ -26,7 +28,7 @@ from benchmarks.common import (
 )
 from pipeline.config import example_params, load_params
 from pipeline.device import pick_device
-from pipeline.evaluation import eval_windows, split_loss
+from pipeline.evaluation import eval_windows, split_loss, word_metrics
 from pipeline.model import build_model
 from pipeline.overrides import read_overrides_file
 from pipeline.schema import ExampleParams
@@ -71,7 +73,7 @@ def train_timeline(label: str, params: ExampleParams, dataset, interval: int) ->
         clock["seconds"] += tokens / record.tokens_per_sec
 
     def on_eval(record) -> None:
-        loss = split_loss(model, windows, 256, device, params.train.precision)
+        loss = split_loss(model, windows, 256, device, "float32")  # one yardstick for both sides
         model.train()
         timeline.append({"step": record.step, "seconds": clock["seconds"], "val_loss": loss})
         print(f"  {label}: {clock['seconds']:6.1f} s, step {record.step}: val loss {loss:.4f}", flush=True)
@@ -79,7 +81,10 @@ def train_timeline(label: str, params: ExampleParams, dataset, interval: int) ->
     print(f"{label}: {model.num_params():,} parameters, {params.train.max_steps} steps on {device}", flush=True)
     callbacks = TrainCallbacks(on_step=on_step, on_eval=on_eval)
     result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
-    return {
+    words = {}
+    if params.evaluate.words is not None:  # a word list: how many sampled words are real ones
+        words["valid_share"] = word_metrics(model, dataset, params.evaluate.words, device)["valid_share"]
+    return words | {
         "label": label,
         "train_seconds": clock["seconds"],
         "steps": result.steps,
@@ -160,6 +165,7 @@ SIDE_COLUMNS = {
     "final_val_loss": "{:.4f}",
     "seconds_to_reference_loss": "{:.1f}",
     "loss_at_reference_seconds": "{:.4f}",
+    "valid_share": "{:.3f}",
 }
 
 

@@ -25,11 +25,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    """`auto`: bf16 on CUDA and on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+    return precision == "bfloat16" or (precision == "auto" and native)
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default; float32 elsewhere unless asked for."""
+    """bf16 autocast where `uses_bf16` says; float32 otherwise."""
     if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

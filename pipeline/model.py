@@ -24,7 +24,8 @@ STRICT = ConfigDict(extra="forbid")
 class ModelConfig:
     """The architecture, as `params.yaml` gives it; the vocabulary comes from the data.
 
-    The defaults are the scale of nanoGPT's CPU recipe.
+    The defaults are the scale of nanoGPT's CPU recipe with the block that trained fastest there
+    (docs/performance.md); overrides/nanogpt.txt sets nanoGPT's own.
     """
 
     block_size: PositiveInt = 64
@@ -33,11 +34,11 @@ class ModelConfig:
     n_embd: PositiveInt = 128
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     bias: bool = False
-    positions: Literal["learned", "rotary"] = "learned"  # rotary: samples may run past block_size
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys
+    positions: Literal["learned", "rotary"] = "rotary"  # rotary: samples may run past block_size
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    qk_norm: bool = True  # RMS-normalise each head's queries and keys
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    tie_embeddings: bool = False  # the output head shares the token embedding's weight
     zero_init: bool = False  # residual projections and the untied head start at zero
     logit_softcap: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # cap·tanh(logits/cap); 0: off
 
@@ -113,6 +114,18 @@ def sliding_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: i
     return (distance >= 0) & (distance < window)
 
 
+def attention(q, k, v, mask, dropout: float, causal: bool):
+    """Fused attention; on the CPU in float32 even under bf16 autocast: there, at these sizes, its
+    bf16 backward kernel is about 5x slower than the float32 one (docs/performance.md)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout, is_causal=causal
+        )
+    return y.to(q.dtype)
+
+
 def make_norm(config: "GPTConfig") -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
@@ -148,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         # a single new query may see every cached key, so only a multi-token call needs a mask
         causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = attention(q, k, v, mask, dropout, causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -56,25 +56,25 @@ class TrainParams:
     """The training recipe; the defaults are the Shakespeare example's."""
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"  # auto: cuda, mps, cpu
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA only
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA and bf16 CPUs
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
-    max_steps: PositiveInt = 2000
+    max_steps: PositiveInt = 1000
     batch_size: PositiveInt = 32
-    learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 2e-3
-    min_lr: NonNegativeFloat = 2e-4
-    warmup_steps: NonNegativeInt = 100
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 4.5e-3  # AdamW's
+    min_lr: NonNegativeFloat = 4.5e-4
+    warmup_steps: NonNegativeInt = 50
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.1
     beta1: Beta = 0.9
     beta2: Beta = 0.99
     grad_clip: NonNegativeFloat = 1.0  # 0 turns clipping off
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_lr: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.02  # follows the schedule's shape
     muon_momentum: Beta = 0.95
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm up, hold, decay linearly over the cooldown
     cooldown_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3  # of max_steps, for wsd
-    eval_interval: PositiveInt = 250  # also how often the latest checkpoint is saved
+    eval_interval: PositiveInt = 200  # also how often the latest checkpoint is saved
     eval_batches: PositiveInt = 20
     seed: Seed = 1337
 

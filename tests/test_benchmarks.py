@@ -131,22 +131,22 @@ def test_time_to_quality_without_a_reference_measures_the_candidate_alone(tmp_pa
     assert [side["label"] for side in results["sides"]] == ["candidate"] and results["ratios"] == {}
 
 
-def test_the_reference_is_nanogpts_recipe_in_full():
+@pytest.mark.parametrize(
+    "name, shape, recipe",
+    [
+        ("nanogpt.txt", (4, 4, 128, 64), (12, 2000, "float32", False)),
+        ("nanogpt-gpu.txt", (6, 6, 384, 256), (64, 5000, "bfloat16", True)),
+    ],
+)
+def test_each_reference_is_nanogpts_recipe_in_full(name, shape, recipe):
     from pipeline.config import load_params
     from pipeline.overrides import read_overrides_file
 
-    lines = read_overrides_file(ROOT / "overrides" / "nanogpt.txt")
-    reference = load_params(ROOT / "params.yaml", lines)["shakespeare"]
-    assert (reference.model.n_layer, reference.model.n_head, reference.model.n_embd) == (4, 4, 128)
-    assert (reference.model.block_size, reference.train.batch_size, reference.train.max_steps) == (64, 12, 2000)
-    assert (reference.model.positions, reference.model.norm, reference.model.mlp) == ("learned", "layernorm", "gelu")
-    assert reference.model.tie_embeddings and reference.train.optimizer == "adamw"
-    assert (reference.train.learning_rate, reference.train.min_lr, reference.train.beta2) == (1e-3, 1e-4, 0.99)
-    assert reference.train.schedule == "cosine" and reference.train.warmup_steps == 100
-
-
-def test_sampling_reports_both_speeds_and_the_same_tokens_with_and_without_the_cache(tmp_path):
-    results = run_benchmark("sampling", "--set", "shakespeare.model.n_layer=1", "--tokens", "16,40", tmp_path=tmp_path)
-    assert [r["new_tokens"] for r in results["rows"]] == [16, 40]
-    assert all(r["same_tokens"] for r in results["rows"])
-    assert all(r["cached_tokens_per_sec"] > 0 and r["uncached_tokens_per_sec"] > 0 for r in results["rows"])
+    reference = load_params(ROOT / "params.yaml", read_overrides_file(ROOT / "overrides" / name))["shakespeare"]
+    model, train = reference.model, reference.train
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == shape
+    assert (train.batch_size, train.max_steps, train.precision, train.compile) == recipe
+    assert (model.positions, model.norm, model.mlp, model.qk_norm) == ("learned", "layernorm", "gelu", False)
+    assert model.tie_embeddings and not model.zero_init and model.logit_softcap == 0 and not model.bias
+    assert (train.optimizer, train.schedule, train.warmup_steps) == ("adamw", "cosine", 100)
+    assert (train.learning_rate, train.min_lr, train.beta2, train.weight_decay) == (1e-3, 1e-4, 0.99, 0.1)

@@ -15,7 +15,7 @@ from pipeline.inspection import (
     forward_with_attention,
     inspect_prompt,
 )
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
 from pipeline.paths import ExamplePaths
 from pipeline.stages.inspect import file_stem, inspect_example
 from pipeline.tracking import load_run_id
@@ -31,7 +31,8 @@ OPTIONS = [{}, {"bias": True}, {"positions": "rotary", "norm": "rmsnorm"}, {"pos
 def sharp_model(**options) -> GPT:
     """A random model with large query/key weights, so its attention is far from uniform."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=8, vocab_size=VOCAB.size, n_layer=2, n_head=4, n_embd=32, **options)
+    shape = dict(block_size=8, vocab_size=VOCAB.size, n_layer=2, n_head=4, n_embd=32)
+    config = GPTConfig(**shape | CLASSIC_BLOCK | options)
     model = GPT(config).eval()
     with torch.no_grad():
         for block in model.transformer.h:

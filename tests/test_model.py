@@ -2,12 +2,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.model import GPT, GPTConfig, KVCache
+from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig, KVCache
 
 
 def config(**overrides) -> GPTConfig:
+    """nanoGPT's block unless `overrides` say otherwise."""
     values = dict(block_size=16, vocab_size=11, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=False)
-    return GPTConfig(**(values | overrides))
+    return GPTConfig(**(values | CLASSIC_BLOCK | overrides))
 
 
 def test_logits_have_one_row_per_position_and_token():

@@ -42,7 +42,8 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_linearly_over_the_cooldo
 
 
 def test_adamw_alone_updates_every_parameter_at_the_scheduled_rate(toy):
-    params, _, dataset = toy
+    _, _, dataset = toy
+    params = recipe(optimizer="adamw")
     model = build_model(params.model, dataset.vocab.size, 0)
     optimizer = make_optimizer(model, params.train, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW)

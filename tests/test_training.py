@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import TrainingCheckpoints, load_resume_point
-from pipeline.device import autocast, pick_device, to_device, uses_bf16, uses_compile
+from pipeline.device import autocast, cpu_supports_bf16, pick_device, to_device, uses_bf16, uses_compile
 from pipeline.errors import Diverged, PipelineError, Stopped
 from pipeline.model import build_model
 from pipeline.stages import train as train_stage
@@ -76,9 +76,10 @@ def test_auto_device_is_usable_and_an_absent_cuda_is_named():
             pick_device("cuda")
 
 
-def test_auto_settings_use_bf16_and_compile_on_cuda_only():
+def test_auto_settings_use_bf16_on_cuda_and_bf16_cpus_and_compile_on_cuda_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert uses_bf16(cuda, "auto") and not uses_bf16(cpu, "auto") and uses_bf16(cpu, "bfloat16")
+    assert uses_bf16(cuda, "auto") and uses_bf16(cpu, "auto") == cpu_supports_bf16() and uses_bf16(cpu, "bfloat16")
+    assert not uses_bf16(cpu, "float32")
     assert not uses_bf16(cuda, "float32")
     assert uses_compile(cuda, "auto") and not uses_compile(cpu, "auto") and uses_compile(cpu, True)
     assert not uses_compile(cuda, False)
