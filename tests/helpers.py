@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Overrides that make any example train, sample and sweep in seconds, by the kind of its data
 TINY_BY_KIND = {
-    "words": ["train.max_steps=60", "train.warmup_steps=10", "train.eval_interval=20", "data.repeats=4"],
+    "words": [
+        "train.max_steps=60",
+        "train.warmup_steps=10",
+        "train.eval_interval=20",
+        "train.batch_size=128",
+        "data.repeats=4",
+    ],
     "text": [
         "train.max_steps=20",
         "train.warmup_steps=5",

@@ -27,9 +27,9 @@ def test_stage_scripts_share_the_command_line(stage):
 def test_bad_parameters_stop_before_any_work(project, capsys, monkeypatch):
     monkeypatch.chdir(project)
     params = project / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text().replace("n_embd: 64", "n_embd: 30", 1))
+    params.write_text((ROOT / "params.yaml").read_text().replace("n_embd: 64", "n_embd: 31", 1))
     assert main(["prepare", "--example", "toy", "--params", str(params)]) == 2
-    assert "toy.model: n_embd (30) must be divisible by n_head (4)" in capsys.readouterr().err
+    assert "toy.model: n_embd (31) must be divisible by n_head (2)" in capsys.readouterr().err
     assert not (project / "data/toy/prepared").exists()
 
 
@@ -65,7 +65,7 @@ def test_a_prompt_with_unknown_characters_fails_cleanly(project, capsys, monkeyp
 def test_set_file_overrides_apply_before_set(project, capsys, monkeypatch):
     monkeypatch.chdir(project)
     (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    (project / "o.txt").write_text("# tiny\ntoy.model.n_embd=30\ntoy.train.max_steps=0\n")
+    (project / "o.txt").write_text("# tiny\ntoy.model.n_embd=31\ntoy.train.max_steps=0\n")
     code = main(["train", "--example", "toy", "--set-file", "o.txt", "--set", "toy.model.n_embd=32"])
     err = capsys.readouterr().err
     assert code == 2 and "toy.train.max_steps" in err and "n_embd" not in err

@@ -156,14 +156,14 @@ def test_dvc_exp_run_set_goes_through_the_same_checks(repo):
     """`dvc exp run -S` writes params.yaml; the stage reads it through the schema and stops before training."""
     path, _ = repo
     params_before, runs_before = (path / "params.yaml").read_text(), len(runs_table(Tracker.for_project(path)))
-    command = ["dvc", "exp", "run", "-S", "toy.train.max_steps=0", "-S", "toy.model.n_embd=30"]
+    command = ["dvc", "exp", "run", "-S", "toy.train.max_steps=0", "-S", "toy.model.n_embd=31"]
     try:
         result = subprocess.run(command, cwd=path, env=env(), capture_output=True, text=True)
         output = result.stdout + result.stderr
         assert result.returncode != 0
         assert "error: params.yaml has 2 problems" in output
         assert "toy.train.max_steps: Input should be greater than 0 (got 0)" in output
-        assert "toy.model: n_embd (30) must be divisible by n_head (4)" in output
+        assert "toy.model: n_embd (31) must be divisible by n_head (2)" in output
         assert len(runs_table(Tracker.for_project(path))) == runs_before
     finally:
         (path / "params.yaml").write_text(params_before)

@@ -44,7 +44,11 @@ def test_bad_tune_params_are_refused_before_anything_is_written(override, messag
         (["toy.tune.space.mlp={choices: [relu2, swiglu]}"], "does not contain the params.yaml value"),
         (["toy.tune.space.mlp={choices: [gelu, swish]}"], "mlp = swish gives an invalid configuration"),
         (
-            ["toy.tune.space.positions={choices: [learned, rotary]}", "toy.tune.space.head_size={choices: [3, 16]}"],
+            [
+                "toy.model.positions=learned",
+                "toy.tune.space.positions={choices: [learned, rotary]}",
+                "toy.tune.space.head_size={choices: [3, 16]}",
+            ],
             "head_size = 3 with positions = rotary gives an invalid configuration: rotary",
         ),
     ],
