@@ -22,6 +22,7 @@ from pipeline.paths import ExamplePaths
 from pipeline.schema import ExampleParams
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "overrides" / "nanogpt.txt"  # nanoGPT's recipe: the baseline both training benchmarks run
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, example: str = "shakespeare") -> None:
@@ -29,6 +30,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, example: str = "shakes
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="default: params.yaml")
     add_override_arguments(parser)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
+
+
+def add_reference_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reference",
+        type=lambda text: None if text == "none" else Path(text),
+        default=REFERENCE,
+        help="the reference's overrides file, on top of params.yaml; none: no reference (default: %(default)s)",
+    )
 
 
 def example_config(args) -> ExampleParams:

@@ -4,10 +4,9 @@ run on one machine; both train on the candidate's data.
 
 Each trains through the pipeline's own loop; every `--eval-interval` steps the benchmark measures
 the loss on the whole validation split in float32, outside the clock: seconds count training
-steps only. It
-reports, for each side, the seconds to the reference's final validation loss and the loss reached
-within the reference's training seconds, and the two ratios; then the loss after each time budget
-and the seconds to each target loss. For a word list, also the share of real words among 1,000
+steps only. It reports, for each side, the seconds to the reference's final validation loss and
+the loss reached within the reference's training seconds, and the two ratios; then the loss after
+each time budget and the seconds to each target loss. For a word list, also the share of real words among 1,000
 sampled (the evaluate stage's `valid_share`).
 
     python -m benchmarks.time_to_quality --help
@@ -15,11 +14,10 @@ sampled (the evaluate stage's `valid_share`).
 
 import argparse
 import sys
-from pathlib import Path
 
 from benchmarks.common import (
-    ROOT,
     add_common_arguments,
+    add_reference_argument,
     example_config,
     format_table,
     load_example,
@@ -34,8 +32,6 @@ from pipeline.overrides import read_overrides_file
 from pipeline.schema import ExampleParams
 from pipeline.training import StepRecord, TrainCallbacks, train
 
-REFERENCE = ROOT / "overrides" / "nanogpt.txt"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -44,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m benchmarks.time_to_quality   (Shakespeare: reference, then defaults; ~6 minutes)",
     )
     add_common_arguments(parser)
-    parser.add_argument(
-        "--reference",
-        type=lambda text: None if text == "none" else Path(text),
-        default=REFERENCE,
-        help="the reference's overrides file, on top of params.yaml; none: no reference (default: %(default)s)",
-    )
+    add_reference_argument(parser)
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
     parser.add_argument("--budgets", default="30,60,120", help="seconds of training (default: %(default)s)")
     parser.add_argument("--targets", default="2.0,1.9,1.8,1.7", help="validation losses (default: %(default)s)")

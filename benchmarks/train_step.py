@@ -17,13 +17,12 @@ import multiprocessing
 import resource
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
-    ROOT,
     add_common_arguments,
+    add_reference_argument,
     example_config,
     flops_per_token,
     format_table,
@@ -36,8 +35,6 @@ from pipeline.config import example_params, load_params
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.overrides import read_overrides_file
-
-REFERENCE = ROOT / "overrides" / "nanogpt.txt"
 
 VARIANTS = {
     "float32": ("float32", False),
@@ -78,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", help="comma-separated CPU thread counts (default: the example's train.threads)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per variant (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every variant, keep its fastest round")
-    parser.add_argument(
-        "--reference",
-        type=lambda text: None if text == "none" else Path(text),
-        default=REFERENCE,
-        help="the reference's overrides file, on top of params.yaml; none: no reference (default: %(default)s)",
-    )
+    add_reference_argument(parser)
     parser.add_argument("--matmul-size", type=int, default=2048, help="matrix side for the peak (default: 2048)")
     return parser
 

@@ -57,6 +57,12 @@ def pid_running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def gone_here(host: str | None, pid: int | str | None) -> bool:
+    """Whether process `pid` of `host` is proven gone: it ran on this host and runs no more. A
+    process of another host, or one without a pid, is never taken for gone."""
+    return host == this_host() and pid is not None and not pid_running(int(pid))
+
+
 @dataclasses.dataclass(frozen=True)
 class Owner:
     """Who holds (or held) an example's lock."""

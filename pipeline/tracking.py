@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
-from pipeline.locks import pid_running, shown_path, this_host
+from pipeline.locks import gone_here, shown_path, this_host
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
 from pipeline.training import EvalRecord, StepRecord
 
@@ -120,7 +120,7 @@ def process_is_dead(run) -> bool:
     """Whether the process that last marked `run` RUNNING is proven gone: it ran on this host and its
     pid is not running. A run of another host, or without the tags, is never taken for dead."""
     tags = run.data.tags
-    return tags.get(HOST_TAG) == this_host() and PID_TAG in tags and not pid_running(int(tags[PID_TAG]))
+    return gone_here(tags.get(HOST_TAG), tags.get(PID_TAG))
 
 
 @dataclasses.dataclass

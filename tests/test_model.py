@@ -110,19 +110,6 @@ def test_cached_logits_match_the_full_forward_position_by_position():
     assert cache.length == 12
 
 
-@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
-def test_generation_with_the_cache_gives_the_same_tokens_as_without(temperature, top_k):
-    """Past block_size the window is cropped and recomputed, as the uncached path does."""
-    torch.manual_seed(3)
-    model = GPT(config(block_size=8)).eval()
-    start = torch.randint(11, (4, 3))
-    outs = [
-        model.generate(start, 14, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
-        for use_cache in (True, False)
-    ]
-    assert outs[0].shape == (4, 17) and torch.equal(outs[0], outs[1])
-
-
 def test_generation_feeds_one_new_token_per_step_while_the_cache_has_room():
     model = GPT(config(block_size=8)).eval()
     lengths = []
@@ -206,18 +193,26 @@ def test_hidden_matrices_are_the_blocks_2d_weights_only():
     assert len(hidden) == 4 * model.config.n_layer  # qkv, attention out, MLP in and out
 
 
+@pytest.mark.parametrize(
+    "block, new_tokens",
+    [({"block_size": 8}, 14), ({"block_size": 6, **MODERN}, 30)],
+    ids=["learned positions", "rotary positions"],
+)
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
-def test_rotary_generation_with_the_cache_equals_without_it_far_past_block_size(temperature, top_k):
-    """The attention window slides: the cache keeps its speed, and the uncached path recomputes
-    the tokens the last position depends on, at their own positions."""
+def test_generation_with_the_cache_gives_the_same_tokens_as_without_far_past_block_size(
+    block, new_tokens, temperature, top_k
+):
+    """Learned positions: past block_size the window is cropped and recomputed, as the uncached
+    path does. Rotary: the attention window slides; the cache keeps its speed, and the uncached
+    path recomputes the tokens the last position depends on, at their own positions."""
     torch.manual_seed(3)
-    model = GPT(config(block_size=6, n_layer=2, **MODERN)).eval()
+    model = GPT(config(**block)).eval()
     start = torch.randint(11, (4, 3))
     outs = [
-        model.generate(start, 30, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
+        model.generate(start, new_tokens, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
         for use_cache in (True, False)
     ]
-    assert outs[0].shape == (4, 33) and torch.equal(outs[0], outs[1])
+    assert outs[0].shape == (4, 3 + new_tokens) and torch.equal(outs[0], outs[1])
 
 
 def test_rotary_cached_logits_match_a_sliding_window_forward_past_block_size():

@@ -22,7 +22,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
-from pipeline.locks import pid_running, this_host
+from pipeline.locks import gone_here, this_host
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.registry import log_model
@@ -154,15 +154,14 @@ def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial, why: str = 
 
 def claimed_by_this_process(trial: optuna.Trial) -> None:
     """Name the trial's worker, so that a killed one is known dead at once (see fail_dead_trials)."""
-    trial.set_user_attr("worker_host", this_host())
     trial.set_user_attr("worker_pid", os.getpid())
+    trial.set_user_attr("worker_host", this_host())  # last: a trial naming its host names its pid too
 
 
 def worker_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the trial's worker ran on this host and its process is gone; a trial of another host
     is left to the heartbeat grace period."""
-    attrs = trial.user_attrs
-    return attrs.get("worker_host") == this_host() and not pid_running(int(attrs.get("worker_pid", 0)))
+    return gone_here(trial.user_attrs.get("worker_host"), trial.user_attrs.get("worker_pid"))
 
 
 def fail_dead_trials(study: optuna.Study, tracker: Tracker) -> None:
