@@ -7,7 +7,8 @@ the loss on the whole validation split in float32, outside the clock: seconds co
 steps only. It reports, for each side, the seconds to the reference's final validation loss and
 the loss reached within the reference's training seconds, and the two ratios; then the loss after
 each time budget and the seconds to each target loss. For a word list, also the share of real words among 1,000
-sampled (the evaluate stage's `valid_share`).
+sampled and the exact probability of sampling one (the evaluate stage's `valid_share` and
+`valid_mass`) at every evaluation.
 
     python -m benchmarks.time_to_quality --help
 """
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORD_METRICS = ("valid_share", "valid_mass")
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
@@ -64,17 +68,21 @@ def train_timeline(label: str, params: ExampleParams, dataset, interval: int) ->
         clock["seconds"] += tokens / record.tokens_per_sec
 
     def on_eval(record) -> None:
-        loss = split_loss(model, windows, 256, device, "float32")  # one yardstick for both sides
+        point = {"step": record.step, "seconds": clock["seconds"]}
+        point["val_loss"] = split_loss(model, windows, 256, device, "float32")  # one yardstick for both sides
+        if params.evaluate.words is not None:  # a word list: how many sampled words are real ones
+            metrics = word_metrics(model, dataset, params.evaluate.words, device)
+            point |= {key: metrics[key] for key in WORD_METRICS}
         model.train()
-        timeline.append({"step": record.step, "seconds": clock["seconds"], "val_loss": loss})
-        print(f"  {label}: {clock['seconds']:6.1f} s, step {record.step}: val loss {loss:.4f}", flush=True)
+        timeline.append(point)
+        shown = "".join(f", {key} {point[key]:.4f}" for key in WORD_METRICS if key in point)
+        loss = point["val_loss"]
+        print(f"  {label}: {point['seconds']:6.1f} s, step {point['step']}: val loss {loss:.4f}{shown}", flush=True)
 
     print(f"{label}: {model.num_params():,} parameters, {params.train.max_steps} steps on {device}", flush=True)
     callbacks = TrainCallbacks(on_step=on_step, on_eval=on_eval)
     result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
-    words = {}
-    if params.evaluate.words is not None:  # a word list: how many sampled words are real ones
-        words["valid_share"] = word_metrics(model, dataset, params.evaluate.words, device)["valid_share"]
+    words = {key: timeline[-1][key] for key in WORD_METRICS if key in timeline[-1]}
     return words | {
         "label": label,
         "train_seconds": clock["seconds"],
@@ -157,6 +165,7 @@ SIDE_COLUMNS = {
     "seconds_to_reference_loss": "{:.1f}",
     "loss_at_reference_seconds": "{:.4f}",
     "valid_share": "{:.3f}",
+    "valid_mass": "{:.4f}",
 }
 
 

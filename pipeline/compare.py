@@ -20,6 +20,7 @@ SUMMARY_COLUMNS = {
     "metrics.eval.val.loss": "val_loss",
     "metrics.eval.val.bpc": "val_bpc",
     "metrics.eval.words.valid_share": "valid_words",
+    "metrics.eval.words.valid_mass": "valid_mass",
     "metrics.final_val_loss": "final_val_loss",  # sweep trials have this, not the evaluate stage's
     "metrics.train_seconds": "seconds",
     "run_id": "run_id",

@@ -235,6 +235,25 @@ def random_batch(tokens: torch.Tensor, batch_size: int, block_size: int, generat
     return windows[:, :-1], windows[:, 1:]
 
 
+def pass_batch(tokens: torch.Tensor, starts: torch.Tensor, batch_size: int, block_size: int, step: int):
+    """Batch `step` (from 1) of a word stream read in order: windows at the next `batch_size` starts.
+
+    `starts` are the windows' starts in stream order; reading wraps around, so any step has a batch
+    (and a resumed run gets the same batches without any sampler state).
+    """
+    index = (torch.arange(batch_size) + (step - 1) * batch_size) % len(starts)
+    windows = tokens[starts[index][:, None] + torch.arange(block_size + 1)]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def whole_passes(dataset: Dataset, block_size: int) -> torch.Tensor:
+    """The training windows' starts of the stream's whole passes, so wrapping around keeps a batch
+    of one pass's size aligned with the passes (the last word of the stream may have no window)."""
+    starts = dataset.window_starts("train", block_size)
+    per_pass = len(dataset.meta["words"]["train"])
+    return starts[: max(per_pass, len(starts) // per_pass * per_pass)]
+
+
 def check_data_fits(dataset: Dataset, block_size: int, example: str) -> None:
     """Refuse a model that cannot be trained on this data, before a run is started for it."""
     for name, split in (("train", dataset.train), ("validation", dataset.val)):

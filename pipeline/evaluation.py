@@ -84,6 +84,23 @@ def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device
     return correct / len(words)
 
 
+@torch.no_grad()
+def valid_mass(model: GPT, vocab: Vocabulary, words: list[str], temperature: float, device) -> float:
+    """The probability that a word sampled at `temperature` is one of `words`: exactly what
+    valid_share estimates from its samples, the sum of each word's probability with its boundary."""
+    by_length = defaultdict(list)
+    for word in words:
+        by_length[len(word)].append(vocab.encode(BOUNDARY + word + BOUNDARY))
+    total = 0.0
+    for same_length in by_length.values():
+        tokens = torch.tensor(same_length, device=device)
+        logits, _ = model(tokens[:, :-1])
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        word_log_probs = log_probs.gather(-1, tokens[:, 1:, None]).sum(dim=(1, 2))
+        total += word_log_probs.exp().sum().item()
+    return total
+
+
 def last_letter_ceiling(words: list[str]) -> float:
     """The best last-letter accuracy possible: `COR` ends both CORE and CORN, so one must miss."""
     endings = defaultdict(Counter)
@@ -109,6 +126,7 @@ def word_metrics(model: GPT, dataset: Dataset, params: WordEvalParams, device) -
     )
     return {
         "valid_share": sum(w in known for w in sampled) / len(sampled),
+        "valid_mass": valid_mass(model, dataset.vocab, words, params.temperature, device),
         "coverage": len(known.intersection(sampled)) / len(known),
         "last_letter_accuracy": last_letter_accuracy(model, dataset.vocab, words, device),
         "last_letter_ceiling": last_letter_ceiling(words),

@@ -62,6 +62,10 @@ class TrainParams:
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
     max_steps: PositiveInt = 1000
     batch_size: PositiveInt = 32
+    # random: windows at random offsets. passes (word lists): the next batch_size windows of the
+    # training stream in order; the stream is shuffled passes over the words, so a batch of one
+    # pass's size holds every training word once and the batch's letter counts are the list's own
+    sampling: Literal["random", "passes"] = "random"
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 4.5e-3  # AdamW's
     min_lr: NonNegativeFloat = 4.5e-4
     warmup_steps: NonNegativeInt = 50
@@ -133,6 +137,8 @@ class ExampleParams:
             raise ValueError("evaluate.words is required for a word-list example")
         if self.data.kind != "words" and self.evaluate.words is not None:
             raise ValueError("evaluate.words is only for a word-list example (data.kind: words)")
+        if self.data.kind != "words" and self.train.sampling == "passes":
+            raise ValueError("train.sampling: passes is only for a word-list example (data.kind: words)")
 
 
 def with_empty_sections(section: dict) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import Dataset, random_batch
+from pipeline.data import Dataset, pass_batch, random_batch, whole_passes
 from pipeline.device import autocast, cpu_threads, setup_device, to_device, uses_compile
 from pipeline.errors import Diverged
 from pipeline.model import GPT
@@ -192,7 +192,10 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator().manual_seed(params.seed)
     eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
-    train_starts = dataset.window_starts("train", block_size)
+    if params.sampling == "passes":
+        passes = whole_passes(dataset, block_size)
+    else:
+        train_starts = dataset.window_starts("train", block_size)
     history, evals, start = [], [], 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -235,7 +238,10 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)
         set_learning_rate(optimizer, lr)
-        x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
+        if params.sampling == "passes":
+            x, y = pass_batch(dataset.train, passes, params.batch_size, block_size, step)
+        else:
+            x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
         with autocast(device, params.precision):
             _, loss = forward(to_device(x, device), to_device(y, device))
         loss_value = loss.item()

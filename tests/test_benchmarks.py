@@ -129,6 +129,10 @@ def test_time_to_quality_without_a_reference_measures_the_candidate_alone(tmp_pa
     args += ["--reference", "none"]
     results = run_benchmark("time_to_quality", *TINY_TOY, *args, tmp_path=tmp_path)
     assert [side["label"] for side in results["sides"]] == ["candidate"] and results["ratios"] == {}
+    (side,) = results["sides"]
+    assert all(0 <= point["valid_mass"] <= 1 and 0 <= point["valid_share"] <= 1 for point in side["timeline"])
+    last = side["timeline"][-1]
+    assert (side["valid_share"], side["valid_mass"]) == (last["valid_share"], last["valid_mass"])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.data import BOUNDARY, Vocabulary, load_dataset, prepare, random_batch, split_text, split_words
+from pipeline.data import (
+    BOUNDARY,
+    Vocabulary,
+    load_dataset,
+    pass_batch,
+    prepare,
+    random_batch,
+    split_text,
+    split_words,
+    whole_passes,
+)
 from pipeline.errors import PipelineError
 from pipeline.paths import ExamplePaths
 from pipeline.schema import TextData, WordsData
@@ -104,6 +114,24 @@ def test_word_list_windows_start_at_a_boundary(toy):
     boundary = dataset.vocab.encode(BOUNDARY)[0]
     x, _ = random_batch(dataset.train, 64, 8, torch.Generator().manual_seed(0), starts)
     assert (x[:, 0] == boundary).all()
+
+
+def first_words(x: torch.Tensor, vocab: Vocabulary) -> list[str]:
+    return sorted(vocab.decode(row.tolist()).split(BOUNDARY)[1] for row in x)
+
+
+def test_a_batch_of_one_pass_holds_every_training_word_once_even_after_wrapping_around(toy):
+    _, _, dataset = toy
+    words, block_size = dataset.meta["words"]["train"], 5
+    starts = whole_passes(dataset, block_size)
+    passes = len(starts) // len(words)
+    assert len(starts) % len(words) == 0 and passes >= 1
+    for step in (1, 2, passes + 1, 3 * passes + 2):  # the last two wrapped around
+        x, y = pass_batch(dataset.train, starts, len(words), block_size, step)
+        assert (x[:, 0] == dataset.boundary).all() and torch.equal(x[:, 1:], y[:, :-1])
+        assert first_words(x, dataset.vocab) == sorted(words)
+    first, second = (pass_batch(dataset.train, starts, len(words), block_size, step)[0] for step in (1, 2))
+    assert not torch.equal(first, second)  # each pass is shuffled anew
 
 
 def test_a_split_shorter_than_a_block_is_refused():

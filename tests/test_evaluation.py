@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from pipeline.data import BOUNDARY
 from pipeline.evaluation import (
     block_windows,
     eval_windows,
@@ -10,6 +11,7 @@ from pipeline.evaluation import (
     last_letter_ceiling,
     loss_metrics,
     split_loss,
+    valid_mass,
     word_metrics,
     word_windows,
 )
@@ -65,7 +67,26 @@ def test_word_metrics_are_shares(toy):
     params, _, dataset = toy
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     metrics = word_metrics(model, dataset, params.evaluate.words, torch.device("cpu"))
-    assert set(metrics) == {"valid_share", "coverage", "last_letter_accuracy", "last_letter_ceiling"}
+    assert set(metrics) == {"valid_share", "valid_mass", "coverage", "last_letter_accuracy", "last_letter_ceiling"}
     assert all(0 <= v <= 1 for v in metrics.values())
     accuracy = last_letter_accuracy(model, dataset.vocab, dataset.words, torch.device("cpu"))
     assert metrics["last_letter_accuracy"] == accuracy
+
+
+def test_valid_mass_is_the_exact_probability_of_sampling_a_word(toy):
+    """Each word's probability, one next-character distribution at a time, summed over the words."""
+    params, _, dataset = toy
+    model = build_model(params.model, dataset.vocab.size, params.train.seed).eval()
+    cpu = torch.device("cpu")
+    vocab, words = dataset.vocab, dataset.words[:5]
+    expected = 0.0
+    for word in words:
+        context = BOUNDARY
+        probability = 1.0
+        for char in word + BOUNDARY:
+            probs = model.next_token_probs(torch.tensor([vocab.encode(context)]), temperature=0.7)[0]
+            probability *= probs[vocab.encode(char)[0]].item()
+            context += char
+        expected += probability
+    assert valid_mass(model, vocab, words, 0.7, cpu) == pytest.approx(expected, rel=1e-5)
+    assert 0 < valid_mass(model, vocab, dataset.words, 1.0, cpu) < 1

@@ -202,6 +202,7 @@ MODERN_RECIPE = [
     "toy.model.tie_embeddings=false",
     "toy.train.optimizer=muon",
     "toy.train.schedule=wsd",
+    "toy.train.sampling=random",  # the toy's own reads its passes in order
 ]
 
 
