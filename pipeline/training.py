@@ -132,6 +132,15 @@ def fixed_batches(dataset: Dataset, split: str, params: TrainParams, block_size:
     return list(zip(x.split(rows), y.split(rows)))
 
 
+def batch_source(dataset: Dataset, params: TrainParams, block_size: int, generator: torch.Generator) -> Callable:
+    """The training batch of each step: windows at random, or the word stream's passes in order."""
+    if params.sampling == "passes":
+        passes = whole_passes(dataset, block_size)
+        return lambda step: pass_batch(dataset.train, passes, params.batch_size, block_size, step)
+    starts = dataset.window_starts("train", block_size)
+    return lambda step: random_batch(dataset.train, params.batch_size, block_size, generator, starts)
+
+
 @torch.no_grad()
 def mean_loss(model: GPT, batches: list, device: torch.device, precision: str) -> float:
     """Mean next-token loss over every window of `batches`."""
@@ -192,10 +201,7 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator().manual_seed(params.seed)
     eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
-    if params.sampling == "passes":
-        passes = whole_passes(dataset, block_size)
-    else:
-        train_starts = dataset.window_starts("train", block_size)
+    next_batch = batch_source(dataset, params, block_size, generator)
     history, evals, start = [], [], 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -238,10 +244,7 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
         tick = time.perf_counter()
         lr = learning_rate_at(step - 1, params)
         set_learning_rate(optimizer, lr)
-        if params.sampling == "passes":
-            x, y = pass_batch(dataset.train, passes, params.batch_size, block_size, step)
-        else:
-            x, y = random_batch(dataset.train, params.batch_size, block_size, generator, train_starts)
+        x, y = next_batch(step)
         with autocast(device, params.precision):
             _, loss = forward(to_device(x, device), to_device(y, device))
         loss_value = loss.item()
