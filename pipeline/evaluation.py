@@ -70,14 +70,19 @@ def split_metrics(
     return loss_metrics(split_loss(model, windows, params.batch_size, device, precision))
 
 
-@torch.no_grad()
-def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device) -> float:
-    """Share of words whose last letter is the model's likeliest character after the rest."""
+def words_by_length(words: list[str]) -> list[list[str]]:
+    """The words in groups of one length, so that each group is one batch of equal-length rows."""
     by_length = defaultdict(list)
     for word in words:
         by_length[len(word)].append(word)
+    return list(by_length.values())
+
+
+@torch.no_grad()
+def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device) -> float:
+    """Share of words whose last letter is the model's likeliest character after the rest."""
     correct = 0
-    for same_length in by_length.values():
+    for same_length in words_by_length(words):
         contexts = torch.tensor([vocab.encode(BOUNDARY + w[:-1]) for w in same_length], device=device)
         predicted = model.next_token_probs(contexts).argmax(dim=-1).tolist()
         correct += sum(vocab.chars[p] == w[-1] for p, w in zip(predicted, same_length))
@@ -88,12 +93,9 @@ def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device
 def valid_mass(model: GPT, vocab: Vocabulary, words: list[str], temperature: float, device) -> float:
     """The probability that a word sampled at `temperature` is one of `words`: exactly what
     valid_share estimates from its samples, the sum of each word's probability with its boundary."""
-    by_length = defaultdict(list)
-    for word in words:
-        by_length[len(word)].append(vocab.encode(BOUNDARY + word + BOUNDARY))
     total = 0.0
-    for same_length in by_length.values():
-        tokens = torch.tensor(same_length, device=device)
+    for same_length in words_by_length(words):
+        tokens = torch.tensor([vocab.encode(BOUNDARY + w + BOUNDARY) for w in same_length], device=device)
         logits, _ = model(tokens[:, :-1])
         log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
         word_log_probs = log_probs.gather(-1, tokens[:, 1:, None]).sum(dim=(1, 2))
