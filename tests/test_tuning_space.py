@@ -2,9 +2,10 @@ import optuna
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.model import ModelConfig
-from pipeline.tuning.space import apply_values, check_space, suggest
+from pipeline.tuning.space import apply_values, check_space, parse_tune, suggest
 
 from .helpers import ROOT, sweep_params
 
@@ -22,6 +23,7 @@ from .helpers import ROOT, sweep_params
         ("toy.tune.space={}", "the search space is empty"),
         ("toy.tune.space.mlp={choices: []}", "toy.tune.space.mlp.choices: Value should have at least 1 item"),
         ("toy.tune.space.qk_norm={low: 0, high: 1}", "toy.tune.space.qk_norm"),
+        ("toy.tune.objective=loss", "toy.tune.objective: Input should be 'val_loss' or 'invalid_mass'"),
     ],
 )
 def test_bad_tune_params_are_refused_before_anything_is_written(override, message, toy, capsys, monkeypatch):
@@ -33,6 +35,12 @@ def test_bad_tune_params_are_refused_before_anything_is_written(override, messag
     assert code == 2
     assert message in capsys.readouterr().err
     assert sorted(paths.root.rglob("*")) == before
+
+
+def test_the_invalid_mass_objective_is_refused_for_running_text():
+    params = load_params(ROOT / "params.yaml", ["shakespeare.tune.objective=invalid_mass"])["shakespeare"]
+    with pytest.raises(PipelineError, match="shakespeare.tune.objective: invalid_mass is only for a word-list"):
+        parse_tune(params, "shakespeare")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,14 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 from optuna.trial import TrialState
 
+from pipeline.evaluation import valid_mass
+from pipeline.model import build_model
 from pipeline.stages.tune import tune_example
+from pipeline.training import EvalRecord
 from pipeline.tuning import sweep
 from pipeline.tuning.space import baseline_values
 from pipeline.tuning.sweep import worker_device
@@ -42,6 +46,34 @@ def test_each_trial_is_a_finished_child_run_with_its_params_and_curve(swept):
         assert run.data.params["model.n_layer"] == str(trial.params["n_layer"])
         val_losses = tracker.client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in val_losses] == sorted(trial.intermediate_values)
+
+
+def test_the_toy_sweep_minimises_the_chance_of_sampling_a_non_word(swept):
+    *_, tune, _, tracker, study = swept
+    assert tune.objective == "invalid_mass"
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete
+    for trial in complete:
+        metrics = tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
+        assert trial.value == pytest.approx(metrics["final_invalid_mass"]) and 0 < trial.value < 1
+        assert trial.user_attrs["val_loss"] == pytest.approx(metrics["final_val_loss"]) != trial.value
+        assert all(0 < v < 1 for v in trial.intermediate_values.values())
+
+
+@pytest.mark.parametrize("objective", ["val_loss", "invalid_mass"])
+def test_each_objective_is_measured_on_the_model_being_trained(objective, toy):
+    params, _, dataset = toy
+    _, tune = sweep_params(f"toy.tune.objective={objective}")
+    model = build_model(params.model, dataset.vocab.size, params.train.seed).train()
+    measure = sweep.objective_measure(SimpleNamespace(tune=tune, params=params), model, dataset, torch.device("cpu"))
+    record = EvalRecord(step=10, train_loss=2.0, val_loss=2.5)
+    if objective == "val_loss":
+        assert measure(record) == 2.5
+    else:
+        mass = valid_mass(model.eval(), dataset.vocab, dataset.words, 1.0, torch.device("cpu"))
+        model.train()
+        assert measure(record) == pytest.approx(1 - mass)
+    assert model.training  # training goes on after the measurement
 
 
 def test_a_finished_sweep_adds_nothing_and_more_trials_continue_it(toy, tracker):

@@ -36,7 +36,7 @@ def tune_example(
             run_workers(sweep, tune.workers, progress)
         # trials share the study with any other sweep of it; the outputs are written by one at a time
         with example_lock(paths.model_dir, wait=OUTPUTS_WAIT):
-            summary = summarize(study)
+            summary = summarize(study, tune.objective)
             files = save_sweep_outputs(study, summary, sweep, paths)
             log_sweep(tracker, sweep, summary, files)
             register_best(tracker, tune, summary)
@@ -50,5 +50,6 @@ def tune_example(
 def register_best(tracker: Tracker, tune, summary: SweepSummary) -> None:
     """The best trial's model becomes a version of `tune.register_as`, @champion if it beats the champion."""
     if tune.register_as and summary.best and (model_id := summary.best.user_attrs.get("model_id")):
-        version, champion = register(tracker, tune.register_as, model_id, best_run_id(summary), summary.best.value)
+        val_loss = summary.best.user_attrs.get("val_loss", summary.best.value)  # trials before it was kept
+        version, champion = register(tracker, tune.register_as, model_id, best_run_id(summary), val_loss)
         print(f"registered {tune.register_as} version {version}" + (" as @champion" * champion))

@@ -15,7 +15,7 @@ from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, flatten
 from pipeline.tuning.space import MODEL_KEYS, TuneParams, apply_values
 from pipeline.tuning.storage import safe_url
-from pipeline.tuning.sweep import FINISHED, Sweep
+from pipeline.tuning.sweep import FINISHED, Sweep, objective_label
 
 
 @dataclasses.dataclass
@@ -23,20 +23,21 @@ class SweepSummary:
     counts: dict[str, int]  # trials complete, pruned, failed, and in all
     best: optuna.trial.FrozenTrial | None
     baseline: optuna.trial.FrozenTrial | None
+    objective: str = "val_loss"
 
     def metrics(self) -> dict:
-        values = {"best_val_loss": self.best and self.best.value, "best_trial": self.best and self.best.number}
-        values["baseline_val_loss"] = self.baseline and self.baseline.value
+        values = {f"best_{self.objective}": self.best and self.best.value, "best_trial": self.best and self.best.number}
+        values[f"baseline_{self.objective}"] = self.baseline and self.baseline.value
         return self.counts | {k: v for k, v in values.items() if v is not None}
 
 
-def summarize(study: optuna.Study) -> SweepSummary:
+def summarize(study: optuna.Study, objective: str = "val_loss") -> SweepSummary:
     trials = study.get_trials(deepcopy=False)
     counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials) for s in FINISHED}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
     baseline = next((t for t in trials if t.user_attrs.get("baseline")), None)
-    return SweepSummary(counts | {"trials": len(trials)}, best, baseline)
+    return SweepSummary(counts | {"trials": len(trials)}, best, baseline, objective)
 
 
 def best_config(params: ExampleParams, tune: TuneParams, trial: optuna.trial.FrozenTrial, example: str) -> dict:
@@ -68,7 +69,7 @@ def save_sweep_outputs(study: optuna.Study, summary: SweepSummary, sweep: Sweep,
         config = best_config(sweep.params, sweep.tune, summary.best, paths.example)
         header = (
             f"# Best of Optuna study '{study.study_name}': trial {summary.best.number}, "
-            f"val loss {summary.best.value:.4f} after {sweep.tune.max_steps} steps.\n"
+            f"{objective_label(sweep)} {summary.best.value:.4f} after {sweep.tune.max_steps} steps.\n"
             f"# Apply it with:\n#   {apply_command(config)}\n"
         )
         files.append(paths.tune_dir / "best_params.yaml")
@@ -123,11 +124,13 @@ def sweep_report(summary: SweepSummary, sweep: Sweep, paths: ExamplePaths) -> st
         f"{counts['trials_fail']} failed"
     ]
     if summary.baseline and summary.baseline.value is not None:
-        lines.append(f"baseline (params.yaml, trial {summary.baseline.number}): val loss {summary.baseline.value:.4f}")
+        value = f"{objective_label(sweep)} {summary.baseline.value:.4f}"
+        lines.append(f"baseline (params.yaml, trial {summary.baseline.number}): {value}")
     if summary.best:
         config = best_config(sweep.params, sweep.tune, summary.best, paths.example)
         lines += [
-            f"best: trial {summary.best.number}, val loss {summary.best.value:.4f}, {summary.best.params}",
+            f"best: trial {summary.best.number}, {objective_label(sweep)} {summary.best.value:.4f}, "
+            f"{summary.best.params}",
             f"apply it: {apply_command(config)}",
         ]
     lines.append(f"inspect: optuna trials --study-name {sweep.study_name} --storage {safe_url(sweep.storage_url)}")

@@ -151,7 +151,10 @@ class TuneParams:
     trials: PositiveInt = 20  # total in the study: re-running adds only the missing ones
     workers: PositiveInt = 1  # processes on this machine
     max_steps: PositiveInt = 600  # training budget of one trial
-    eval_interval: PositiveInt = 100  # the pruner sees the validation loss this often
+    eval_interval: PositiveInt = 100  # the pruner sees the objective this often
+    # what the sweep minimises: the validation loss, or (word lists) invalid_mass, 1 - valid_mass:
+    # the probability that a word sampled at temperature 1 is not one of the list
+    objective: Literal["val_loss", "invalid_mass"] = "val_loss"
     heartbeat_seconds: PositiveInt = 30  # a worker silent for 2x this long has its trial marked failed
     sampler: SamplerParams = Field(default_factory=SamplerParams)
     pruner: PrunerParams = Field(default_factory=PrunerParams)
@@ -166,7 +169,12 @@ def parse_tune(params: ExampleParams, example: str) -> TuneParams:
     """The example's `tune` section, checked like the rest of the file."""
     if params.tune is None:
         raise PipelineError(f"params for '{example}' have no tune section")
-    return validate(TUNE_SCHEMA, params.tune, f"the tune section of '{example}'", TUNE_CLASSES, (example, "tune"))
+    tune = validate(TUNE_SCHEMA, params.tune, f"the tune section of '{example}'", TUNE_CLASSES, (example, "tune"))
+    if tune.objective == "invalid_mass" and params.evaluate.words is None:
+        raise PipelineError(
+            f"{example}.tune.objective: invalid_mass is only for a word-list example (data.kind: words)"
+        )
+    return tune
 
 
 def _values(space: IntRange | FloatRange | Choice) -> list:

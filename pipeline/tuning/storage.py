@@ -76,6 +76,8 @@ def settings_fingerprint(params: ExampleParams, tune: TuneParams) -> str:
     settings["tune"] = {k: v for k, v in dataclasses.asdict(tune).items() if k not in VOLATILE_KEYS}
     for key in ("max_steps", "eval_interval"):  # the sweep's budget replaces these
         del settings["train"][key]
+    if tune.objective == "val_loss":  # the key came later: studies made before it keep their names
+        del settings["tune"]["objective"]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -22,6 +22,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
+from pipeline.evaluation import valid_mass
 from pipeline.locks import gone_here, this_host
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
@@ -69,11 +70,11 @@ def trial_tags(sweep: Sweep, trial: optuna.Trial, device: torch.device) -> dict:
     }
 
 
-def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: str, result, vocab) -> None:
+def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: str, result, value, vocab) -> None:
     """Keep the trial's model, as an MLflow Model of its run, when it beats every finished trial, so
     that the best model can be registered."""
     done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if done and result.evals[-1].val_loss >= min(done):
+    if done and value >= min(done):
         return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ckpt.pt"
@@ -83,7 +84,8 @@ def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: st
 
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Tracker, device) -> float:
-    """The objective: train with the trial's values, report every evaluation, return the final val loss."""
+    """The objective: train with the trial's values, report every evaluation, return the objective's
+    final value (the validation loss, or the invalid mass of a word list)."""
     values = suggest(trial, sweep.tune.space, sweep.params.model.n_embd)
     try:
         params = apply_values(sweep.params, sweep.tune, values)
@@ -99,12 +101,15 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
     )
     trial.set_user_attr("mlflow_run_id", run_id)
     logger = TrainingLogger(tracker, run_id)
+    measure = objective_measure(sweep, model, dataset, device)
+    scores = []  # the objective at each evaluation
 
     def report(record):
         logger.on_eval(record)
-        trial.report(record.val_loss, record.step)
+        scores.append(measure(record))
+        trial.report(scores[-1], record.step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"val loss {record.val_loss:.4f} at step {record.step}")
+            raise optuna.TrialPruned(f"{objective_label(sweep)} {scores[-1]:.4f} at step {record.step}")
 
     with tracker.active(run_id, clean_exits=(optuna.TrialPruned,)):
         try:
@@ -116,14 +121,34 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
             tracker.set_tags(run_id, {"optuna.trial_state": state, "error": str(e)[:500]})
             raise
         logger.flush()
-        val_loss = result.evals[-1].val_loss
-        tracker.log_metrics(run_id, {"final_val_loss": val_loss, "train_seconds": result.seconds}, result.steps)
+        finals = {"final_val_loss": result.evals[-1].val_loss, f"final_{sweep.tune.objective}": scores[-1]}
+        tracker.log_metrics(run_id, finals | {"train_seconds": result.seconds}, result.steps)
         tracker.set_tags(run_id, {"optuna.trial_state": "COMPLETE"})
-        keep_if_best(sweep, trial, tracker, run_id, result, dataset.vocab)
-    return val_loss
+        trial.set_user_attr("val_loss", finals["final_val_loss"])  # what the registry compares models by
+        keep_if_best(sweep, trial, tracker, run_id, result, scores[-1], dataset.vocab)
+    return scores[-1]
 
 
-def run_one(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
+def objective_label(sweep: Sweep) -> str:
+    return sweep.tune.objective.replace("_", " ")
+
+
+def objective_measure(sweep: Sweep, model, dataset: Dataset, device):
+    """The objective's value at an evaluation: its validation loss, or the word list's invalid mass
+    (at temperature 1, fixed so that the evaluate section does not decide what a trial computes)."""
+    if sweep.tune.objective == "val_loss":
+        return lambda record: record.val_loss
+
+    def invalid_mass(record) -> float:
+        model.eval()
+        mass = valid_mass(model, dataset.vocab, dataset.words, 1.0, device)
+        model.train()
+        return 1.0 - mass
+
+    return invalid_mass
+
+
+def run_one(study: optuna.Study, trial: optuna.Trial, objective, label: str = "val loss") -> TrialState:
     """Run the objective and record its outcome; a diverged trial fails and the sweep goes on."""
     started = time.perf_counter()
     try:
@@ -138,7 +163,7 @@ def run_one(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
         study.tell(trial, state=TrialState.FAIL)
         raise
     study.tell(trial, value, state=state)
-    outcome = f"val loss {value:.4f}" if value is not None else trial.user_attrs.get("pruned_at", "")
+    outcome = f"{label} {value:.4f}" if value is not None else trial.user_attrs.get("pruned_at", "")
     if state == TrialState.FAIL:
         outcome = trial.user_attrs.get("error", "")
     print(f"trial {trial.number}: {state.name.lower()} in {time.perf_counter() - started:.1f} s {outcome}", flush=True)
@@ -194,7 +219,9 @@ def run_worker(sweep: Sweep, worker: int = 0, workers: int = 1, on_trial=None) -
     while (trial := claim_trial(study, lock)) is not None:
         claimed_by_this_process(trial)
         with heartbeat(storage, trial, sweep.tune.heartbeat_seconds):
-            state = run_one(study, trial, lambda t: run_trial(sweep, t, dataset, tracker, device))
+            state = run_one(
+                study, trial, lambda t: run_trial(sweep, t, dataset, tracker, device), objective_label(sweep)
+            )
         ran += 1
         if on_trial:
             on_trial(state)
