@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 KILLS = 20
 STAGES = ["prepare@toy", "train@toy", "evaluate@toy", "sample@toy", "inspect@toy", "tune@toy"]
+RWLOCK = ".dvc/tmp/rwlock"
 RUN_ARTIFACTS = {"checkpoint", "history.csv", "evals.csv", "loss.png", "train.json", "metrics.json", "samples.txt"}
 
 
@@ -75,15 +76,37 @@ def lock_is_torn(path) -> bool:
         return True
 
 
-def finish_repro(path) -> bool:
-    """A plain `dvc repro` that must succeed; True if DVC had torn its own dvc.lock first.
+def rwlock_is_torn(path) -> bool:
+    try:
+        return not isinstance(json.loads((path / RWLOCK).read_text()), dict)
+    except FileNotFoundError:
+        return False
+    except json.JSONDecodeError:
+        return True
 
-    DVC rewrites dvc.lock in place, so a kill during that write leaves it empty, and DVC then refuses
-    to run: a user restores it from git (README: Interruptions and failures), and so does this test.
+
+def repair_dvc_state(path) -> bool:
+    """Undo what a kill tears in DVC's own files; True if there was anything to undo.
+
+    DVC rewrites dvc.lock and its table of running stages, .dvc/tmp/rwlock, in place, so a kill
+    during either write can leave it empty, and DVC then refuses to run. A user restores dvc.lock
+    from git and deletes the rwlock once no DVC command runs (README: Interruptions and failures);
+    so does this test.
     """
-    result = subprocess.run(["dvc", "repro"], cwd=path, env=repo_env(), capture_output=True, text=True)
-    if result.returncode != 0 and lock_is_torn(path):
+    torn = False
+    if lock_is_torn(path):
         run_ok(path, "git", "checkout", "dvc.lock")
+        torn = True
+    if rwlock_is_torn(path):
+        (path / RWLOCK).unlink()
+        torn = True
+    return torn
+
+
+def finish_repro(path) -> bool:
+    """A plain `dvc repro` that must succeed; True if DVC had torn one of its own files first."""
+    result = subprocess.run(["dvc", "repro"], cwd=path, env=repo_env(), capture_output=True, text=True)
+    if result.returncode != 0 and repair_dvc_state(path):
         run_ok(path, "dvc", "repro")
         return True
     assert result.returncode == 0, result.stdout + result.stderr
@@ -101,5 +124,16 @@ def test_a_repro_killed_at_random_moments_always_recovers(project):
         finished += stage not in STAGES
         torn += finish_repro(path)
         check_consistent(path)
-    print(f"{len(killed_in)} kills, in: {sorted(killed_in)}; {finished} repros ended first; dvc.lock torn {torn} times")
+    print(f"{len(killed_in)} kills, in: {sorted(killed_in)}; {finished} ended first; DVC's files torn {torn}x")
     assert len(killed_in) == KILLS and len(set(killed_in)) >= 4, killed_in  # kills in most stages
+
+
+@pytest.mark.parametrize("torn_file", ["dvc.lock", RWLOCK])
+def test_the_readmes_repair_of_a_file_dvc_tore_works(project, torn_file):
+    path = project
+    (path / torn_file).write_text("")  # what a kill during DVC's in-place rewrite leaves
+    refused = subprocess.run(["dvc", "repro"], cwd=path, env=repo_env(), capture_output=True, text=True)
+    assert refused.returncode != 0 and torn_file.split("/")[-1] in refused.stderr, refused.stderr
+    assert repair_dvc_state(path)
+    run_ok(path, "dvc", "repro")
+    check_consistent(path)
