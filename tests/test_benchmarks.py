@@ -44,7 +44,9 @@ def test_every_benchmark_has_help(name):
 
 def test_train_step_compares_variants_with_every_figure_against_the_reference(tmp_path):
     reference = tmp_path / "reference.txt"
-    reference.write_text("toy.train.batch_size=4\ntoy.model.n_layer=1\ntoy.model.n_embd=32\n")
+    reference.write_text(
+        "toy.train.batch_size=4\ntoy.model.n_layer=1\ntoy.model.n_embd=32\ntoy.train.precision=bfloat16\n"
+    )
     results = run_benchmark(
         "train_step",
         *TINY_TOY,
@@ -75,6 +77,13 @@ def test_train_step_compares_variants_with_every_figure_against_the_reference(tm
         assert row["peak_share"] > 0 and row["gflops"] > 0 and row["threads"] == 1
         assert row["val_loss"] > 0 and row["train_loss"] > 0
     assert rows[0]["vs_reference"] == 1.0 and rows[1]["vs_reference"] > 1  # twice the batch, the same model
+    assert [(r["precision"], r["compile"]) for r in rows[:3]] == [
+        ("bfloat16", False),
+        ("float32", False),
+        ("bfloat16", False),
+    ]
+    peaks = results["matmul_peak_gflops"]  # the reference runs at its own file's precision, and is measured against it
+    assert rows[0]["gflops"] / rows[0]["peak_share"] == pytest.approx(peaks["bfloat16"])
     assert set(results["matmul_peak_gflops"]) == {"float32", "bfloat16"}
     assert results["machine"]["device"] == "cpu" and len(results["machine"]["load_average"]) == 3
 
@@ -114,14 +123,28 @@ def test_time_to_quality_runs_the_reference_then_the_candidate_and_compares_them
     assert (ref["label"], ref["steps"], candidate["label"], candidate["steps"]) == ("reference", 20, "candidate", 40)
     assert [e["step"] for e in candidate["timeline"]] == [10, 20, 30, 40]
     early, late = candidate["budgets"]
-    assert early["val_loss"] is None and late["val_loss"] == candidate["final_val_loss"]
+    assert early["val_loss"] is None and late["val_loss"] == candidate["best_val_loss"]
+    assert candidate["best_val_loss"] == min(e["val_loss"] for e in candidate["timeline"])
     reached, missed = candidate["targets"]
     assert reached["seconds"] == candidate["timeline"][0]["seconds"] > 0 and missed["seconds"] is None
     assert ref["seconds_to_reference_loss"] <= ref["train_seconds"]
     assert candidate["final_val_loss"] < ref["final_val_loss"]  # ten times the learning rate, twice the steps
     ratio = results["ratios"]["time_to_reference_loss"]
     assert ratio == pytest.approx(ref["seconds_to_reference_loss"] / candidate["seconds_to_reference_loss"])
-    assert candidate["loss_at_reference_seconds"] < ref["final_val_loss"]
+    assert candidate["loss_at_reference_seconds"] < ref["best_val_loss"]
+
+
+def test_the_loss_within_a_time_is_the_best_so_far_as_a_run_keeps_its_best_checkpoint():
+    from benchmarks.time_to_quality import loss_at, seconds_to
+
+    overfitting = [
+        {"seconds": 1.0, "val_loss": 2.0},
+        {"seconds": 2.0, "val_loss": 1.5},
+        {"seconds": 3.0, "val_loss": 1.8},
+    ]
+    assert loss_at(overfitting, 0.5) is None and loss_at(overfitting, 1.5) == pytest.approx(1.75)
+    assert loss_at(overfitting, 2.5) == loss_at(overfitting, 3.0) == loss_at(overfitting, 9.0) == 1.5
+    assert seconds_to(overfitting, 1.6) == pytest.approx(1.8) and seconds_to(overfitting, 1.4) is None
 
 
 def test_time_to_quality_without_a_reference_measures_the_candidate_alone(tmp_path):
