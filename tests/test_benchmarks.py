@@ -122,6 +122,7 @@ def test_time_to_quality_runs_the_reference_then_the_candidate_and_compares_them
     ref, candidate = results["sides"]
     assert (ref["label"], ref["steps"], candidate["label"], candidate["steps"]) == ("reference", 20, "candidate", 40)
     assert [e["step"] for e in candidate["timeline"]] == [10, 20, 30, 40]
+    assert 0 < candidate["first_step_seconds"] < candidate["timeline"][0]["seconds"]
     early, late = candidate["budgets"]
     assert early["val_loss"] is None and late["val_loss"] == candidate["best_val_loss"]
     assert candidate["best_val_loss"] == min(e["val_loss"] for e in candidate["timeline"])

@@ -147,7 +147,8 @@ def test_cuda_training_uses_bf16_autocast_fused_adamw_tf32_and_compile(toy):
         device=torch.device("cuda"),
         progress=False,
     )
-    assert result.optimizer.defaults["fused"] is True
+    adamw = getattr(result.optimizer, "optimizers", {"adamw": result.optimizer})["adamw"]  # beside Muon, or alone
+    assert adamw.defaults["fused"] is True
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # `auto` compiles on CUDA
     assert next(result.model.parameters()).device.type == "cuda"
