@@ -2,8 +2,8 @@
 
 The reference (nanoGPT's recipe, overrides/nanogpt.txt: float32, eager, its own batch of 12; on a
 GPU overrides/nanogpt-gpu.txt: bf16, compiled, batch 64) runs first, at its own file's precision,
-compilation and batch, and every variant's tokens/s is given against it. Each variant (float32 or bf16 autocast,
-eager or torch.compile) at each batch size trains for `--steps` steps through the pipeline's own
+compilation and batch, and every variant's tokens/s is given against it. Each variant (float32 or
+bf16 autocast, eager or torch.compile) at each batch size trains for `--steps` steps through the pipeline's own
 loop (`pipeline.training.train`), in a fresh process so that compilation caches, threads and peak
 memory do not carry over. The table gives ms per step (median of the second half of the steps),
 tokens/s, achieved GFLOP/s as a share of a matrix-product peak measured in the same run, peak
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_overrides(example: str, variant: tuple, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
-    precision, compiled = variant
+def job_overrides(example: str, setting: tuple, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
+    precision, compiled = setting  # e.g. ("bfloat16", True), or the reference file's own ("float32", "auto")
     train = f"{example}.train"
     return [
         f"{train}.threads={threads}",
