@@ -14,7 +14,7 @@ import torch
 from pipeline.cli import add_override_arguments, given_overrides
 from pipeline.config import example_params, load_params
 from pipeline.data import Dataset, load_dataset, prepare
-from pipeline.device import cpu_supports_bf16
+from pipeline.device import cpu_flags, cpu_supports_bf16
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import GPT
@@ -75,12 +75,32 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def cpu_class() -> str:
+    """The CPU's class, by the bf16 instructions its flags name: what decides its fast precision."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "CPU with bf16 (AMX)"
+    if "avx512_bf16" in flags:
+        return "CPU with bf16 (AVX512-BF16)"
+    return "CPU without bf16 (AVX2)" if "avx2" in flags else "CPU without bf16"
+
+
+def machine_class(device: torch.device) -> str:
+    """What every table names: the GPU, or the CPU's model and its bf16 class."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"{cpu_class()}: {cpu_name()}"
+    return device.type
+
+
 def machine(device: torch.device) -> dict:
     """Where and when the figures were taken; the load average says how shared the machine was."""
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(device),
         "device_name": device_name(device),
+        "machine_class": machine_class(device),
         "torch": torch.__version__,
         "cpu_bf16": cpu_supports_bf16(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -150,6 +170,7 @@ def run_benchmark(parser: argparse.ArgumentParser, run, report, argv=None) -> in
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = report(results) or 0
-    print(f"load average {results['machine']['load_average']}, {results['machine']['date']}")
+    m = results["machine"]
+    print(f"on {m['machine_class']}, torch {m['torch']}; load average {m['load_average']}, {m['date']}")
     save_results(args.json, results)
     return status

@@ -6,7 +6,8 @@ compilation and batch, and every variant's tokens/s is given against it. Each va
 bf16 autocast, eager or torch.compile) at each batch size trains for `--steps` steps through the pipeline's own
 loop (`pipeline.training.train`), in a fresh process so that compilation caches, threads and peak
 memory do not carry over. The table gives ms per step (median of the second half of the steps),
-tokens/s, achieved GFLOP/s as a share of a matrix-product peak measured in the same run, peak
+tokens/s, achieved GFLOP/s and its share of a matrix-product peak measured in the same run (the
+model FLOPs utilisation, MFU; CPU and GPU alike, bf16 only where the device multiplies it natively), peak
 memory, and the losses after the same number of steps.
 
     python -m benchmarks.train_step --help
@@ -33,7 +34,7 @@ from benchmarks.common import (
     run_benchmark,
 )
 from pipeline.config import example_params, load_params
-from pipeline.device import pick_device, uses_bf16, uses_compile
+from pipeline.device import multiplies_bf16, pick_device, uses_bf16, uses_compile
 from pipeline.errors import PipelineError
 from pipeline.overrides import read_overrides_file
 
@@ -51,7 +52,7 @@ COLUMNS = {
     "tokens_per_sec": "{:,.0f}",
     "vs_reference": "{:.2f}x",
     "gflops": "{:.1f}",
-    "peak_share": "{:.0%}",
+    "mfu": "{:.0%}",
     "first_step_s": "{:.2f}",
     "peak_mem_mib": "{:,.0f}",
     "train_loss": "{:.4f}",
@@ -132,6 +133,13 @@ def in_fresh_process(*args) -> dict:
         return pool.submit(measure, *args).result()
 
 
+def matmul_peaks(device: torch.device, size: int) -> dict[str, float]:
+    """GFLOP/s of a large matrix product in float32, and in bf16 where the device multiplies it
+    natively: an emulated bf16 product of 2048² takes minutes on a CPU without bf16 instructions."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if multiplies_bf16(device) else [])
+    return {str(dtype).removeprefix("torch."): matmul_peak(device, dtype, size) for dtype in dtypes}
+
+
 def run(args) -> dict:
     params = example_config(args)
     device = pick_device(params.train.device)
@@ -139,14 +147,11 @@ def run(args) -> dict:
     if unknown := [v for v in variants if v not in VARIANTS]:
         raise PipelineError(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [params.train.batch_size]
-    peaks = {
-        "float32": matmul_peak(device, torch.float32, args.matmul_size),
-        "bfloat16": matmul_peak(device, torch.bfloat16, args.matmul_size),
-    }
+    peaks = matmul_peaks(device, args.matmul_size)
+    shown = ", ".join(f"{gflops:.0f} GFLOP/s {dtype}" for dtype, gflops in peaks.items())
     print(
         f"{args.example} ({params.model.n_layer} layers, {params.model.n_head} heads, {params.model.n_embd} wide, "
-        f"block {params.model.block_size}) on {machine(device)['device_name']}; matmul peak "
-        f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16",
+        f"block {params.model.block_size}) on {machine(device)['machine_class']}; matmul peak {shown}",
         flush=True,
     )
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [params.train.threads]
@@ -183,7 +188,7 @@ def run(args) -> dict:
             {"variant": variant, "batch": batch, "threads": n or torch.get_num_threads()}
             | {"precision": precision, "compile": uses_compile(device, settings[variant][1])}
             | figures
-            | {"gflops": gflops, "peak_share": gflops / peaks[precision]}
+            | {"gflops": gflops, "mfu": gflops / peaks[precision] if precision in peaks else None}
         )
     for row in rows:  # against the reference, or else the first variant
         row["vs_reference"] = row["tokens_per_sec"] / rows[0]["tokens_per_sec"]

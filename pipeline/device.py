@@ -24,10 +24,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def multiplies_bf16(device: torch.device) -> bool:
+    """CUDA, or a CPU with bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """`auto`: bf16 on CUDA and on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX)."""
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
-    return precision == "bfloat16" or (precision == "auto" and native)
+    return precision == "bfloat16" or (precision == "auto" and multiplies_bf16(device))
+
+
+def newton_schulz_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """Muon's orthogonalisation in bf16 where the device multiplies it natively and the run is not
+    pinned to float32; in float32 elsewhere, since emulated bf16 products are about 50x slower."""
+    return torch.bfloat16 if precision != "float32" and multiplies_bf16(device) else torch.float32
+
+
+def resolved_precision(device: torch.device, precision: str) -> dict[str, str]:
+    """What `train.precision` came to on `device`: logged with a run's parameters."""
+    autocast_dtype = torch.bfloat16 if uses_bf16(device, precision) else torch.float32
+    dtypes = {"autocast": autocast_dtype, "newton_schulz": newton_schulz_dtype(device, precision)}
+    return {f"resolved.{key}_dtype": str(dtype).removeprefix("torch.") for key, dtype in dtypes.items()}
 
 
 def autocast(device: torch.device, precision: str):
@@ -42,13 +59,17 @@ def uses_compile(device: torch.device, setting: bool | str) -> bool:
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); x86 Linux only."""
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (x86 Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def setup_device(device: torch.device) -> None:

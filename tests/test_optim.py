@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from pipeline.device import cpu_supports_bf16, newton_schulz_dtype, resolved_precision
 from pipeline.model import build_model
-from pipeline.optim import Optimizers, learning_rate_at, make_optimizer, set_learning_rate
+from pipeline.optim import Muon, Optimizers, learning_rate_at, make_optimizer, orthogonalize, set_learning_rate
 
 from .helpers import tiny_params
 
@@ -56,7 +57,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_once(toy):
     params = recipe(optimizer="muon", learning_rate=2e-3, muon_lr=0.03)
     model = build_model(params.model, dataset.vocab.size, 0)
     optimizer = make_optimizer(model, params.train, torch.device("cpu"))
-    assert isinstance(optimizer, Optimizers) and isinstance(optimizer.optimizers["muon"], torch.optim.Muon)
+    assert isinstance(optimizer, Optimizers) and isinstance(optimizer.optimizers["muon"], Muon)
     muon = {id(p) for g in optimizer.optimizers["muon"].param_groups for p in g["params"]}
     adamw = [id(p) for g in optimizer.optimizers["adamw"].param_groups for p in g["params"]]
     assert muon == {id(p) for p in model.hidden_matrices()} and not muon & set(adamw)
@@ -96,3 +97,111 @@ def test_a_bad_optimizer_setting_is_named(key, value, message):
 
     with pytest.raises(PipelineError, match=message):
         recipe(**{key: value})
+
+
+# the blocks' matrices of a model 32 wide: attention's qkv (96x32), its projection (32x32), the MLP's
+# (128x32 and, transposed, 32x128); uneven values so that a transposition gone wrong shows
+SHAPES = [(96, 32), (32, 32), (128, 32), (32, 128)] * 2
+
+
+def muon_deltas(optimizer_class, steps: int = 3, **options) -> list[torch.Tensor]:
+    """How far each matrix of SHAPES moved in `steps` steps of the same random gradients."""
+    generator = torch.Generator().manual_seed(0)
+    matrices = [torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02) for shape in SHAPES]
+    start = [m.detach().clone() for m in matrices]
+    optimizer = optimizer_class(
+        matrices, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw", **options
+    )
+    for _ in range(steps):
+        for m in matrices:
+            m.grad = torch.randn(m.shape, generator=generator)
+        optimizer.step()
+    return [m.detach() - s for m, s in zip(matrices, start)]
+
+
+def relative_error(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_makes_torch_muons_update(dtype):
+    # torch's orthogonalises in bf16 always: float32 here differs from it by bf16's rounding only
+    assert relative_error(muon_deltas(Muon, dtype=dtype), muon_deltas(torch.optim.Muon)) < 0.02
+
+
+def test_muon_orthogonalises_each_shape_in_one_batched_product_at_the_chosen_dtype(monkeypatch):
+    stacks = []
+
+    def recording(stack, *args):
+        stacks.append((tuple(stack.shape), stack.dtype))
+        return orthogonalize(stack, *args)
+
+    monkeypatch.setattr("pipeline.optim.orthogonalize", recording)
+    muon_deltas(Muon, steps=1, dtype=torch.float32)
+    # the MLP's output projection joins its input projection's stack, transposed
+    assert sorted(stacks) == [((2, 32, 32), torch.float32), ((2, 32, 96), torch.float32), ((4, 32, 128), torch.float32)]
+
+
+def test_orthogonalize_brings_every_singular_value_near_one():
+    generator = torch.Generator().manual_seed(0)
+    stack = torch.randn(3, 16, 48, generator=generator) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    singular = torch.linalg.svdvals(orthogonalize(stack))
+    assert singular.min() > 0.5 and singular.max() < 1.3  # Keller Jordan's quintic: about U·Vᵀ
+
+
+def test_newton_schulz_runs_in_bf16_only_where_bf16_is_native_and_not_pinned_to_float32(toy):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native_cpu = torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    assert newton_schulz_dtype(cpu, "auto") == newton_schulz_dtype(cpu, "bfloat16") == native_cpu
+    assert newton_schulz_dtype(cuda, "auto") == newton_schulz_dtype(cuda, "bfloat16") == torch.bfloat16
+    assert newton_schulz_dtype(cuda, "float32") == newton_schulz_dtype(cpu, "float32") == torch.float32
+    _, _, dataset = toy
+    params = recipe(optimizer="muon", precision="auto")
+    optimizer = make_optimizer(build_model(params.model, dataset.vocab.size, 0), params.train, cpu)
+    assert optimizer.optimizers["muon"].dtype == native_cpu
+    assert resolved_precision(cpu, "float32") == {
+        "resolved.autocast_dtype": "float32",
+        "resolved.newton_schulz_dtype": "float32",
+    }
+
+
+def test_a_compiled_muon_step_takes_a_new_learning_rate_without_recompiling():
+    torch._dynamo.reset()
+    runs = []
+    for compile in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        matrices = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES[:4]]
+        optimizer = Muon(matrices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", compile=compile)
+        for lr in (0.02, 0.01, 0.005):  # the schedule's changing rate reaches the step as a tensor
+            for m in matrices:
+                m.grad = torch.randn(m.shape, generator=generator)
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.step()
+        runs.append(matrices)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one graph per stack, compiled once
+    for eager, compiled in zip(*runs):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_of_torch_muons_state_resumes_with_its_momentum(toy, tmp_path):
+    _, _, dataset = toy
+    params = recipe(optimizer="muon")
+    model = build_model(params.model, dataset.vocab.size, 0)
+    x = torch.randint(dataset.vocab.size, (4, params.model.block_size))
+    model(x, x)[1].backward()
+    current = make_optimizer(model, params.train, torch.device("cpu"))
+    old = Optimizers(
+        adamw=current.optimizers["adamw"],
+        muon=torch.optim.Muon(model.hidden_matrices(), adjust_lr_fn="match_rms_adamw"),
+    )
+    old.optimizers["muon"].param_groups[0]["lr_scale"] = current.optimizers["muon"].param_groups[0]["lr_scale"]
+    old.step()
+    torch.save(old.state_dict(), tmp_path / "optimizer.pt")
+    current.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for p in model.hidden_matrices():
+        assert torch.equal(
+            current.optimizers["muon"].state[p]["momentum_buffer"], old.optimizers["muon"].state[p]["momentum_buffer"]
+        )
+    assert current.optimizers["muon"].param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    current.step()  # and steps on from it
+    assert all(torch.isfinite(p).all() for p in model.hidden_matrices())

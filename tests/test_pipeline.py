@@ -15,6 +15,7 @@ import yaml
 from pipeline.compare import runs_table
 from pipeline.config import load_params
 from pipeline.data import load_dataset, prepare
+from pipeline.device import cpu_supports_bf16
 from pipeline.evaluation import word_metrics
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
@@ -90,6 +91,8 @@ def test_mlflow_holds_one_finished_run_per_example_with_all_it_logged(repo):
         )
         assert {"example", "git_commit", "device", "torch_version"} <= set(run.data.tags)
         assert run.data.params["model.n_layer"] == "1"
+        expected = "bfloat16" if run.data.params["train.precision"] == "auto" and cpu_supports_bf16() else "float32"
+        assert run.data.params["resolved.newton_schulz_dtype"] == expected  # Muon's, on this machine
         artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
         assert {"checkpoint", "loss.png", "history.csv", "metrics.json", "samples.txt", "reports"} <= artifacts
         reports = {a.path for a in tracker.client.list_artifacts(run_id, "reports")}

@@ -44,6 +44,8 @@ def test_each_trial_is_a_finished_child_run_with_its_params_and_curve(swept):
         assert run.info.status == "FINISHED"
         assert run.data.tags["optuna.trial_state"] == trial.state.name
         assert run.data.params["model.n_layer"] == str(trial.params["n_layer"])
+        assert run.data.params["resolved.autocast_dtype"] == "float32"  # the toy pins float32
+        assert run.data.params["resolved.newton_schulz_dtype"] == "float32"
         val_losses = tracker.client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in val_losses] == sorted(trial.intermediate_values)
 

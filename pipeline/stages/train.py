@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline.checkpoint import ResumePoint, TrainingCheckpoints, load_resume_point, save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
-from pipeline.device import pick_device
+from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import Diverged, Stopped
 from pipeline.files import check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
@@ -35,6 +35,7 @@ def start_training_run(params: ExampleParams, paths: ExamplePaths, tracker: Trac
     run_name = "-".join(filter(None, [paths.example, tags.get("dvc_experiment")]))
     trained_with = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
     run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": model.config.vocab_size}
+    run_params |= resolved_precision(device, params.train.precision)
     run_id = tracker.start_run(paths.example, run_name, tags, run_params)
     log_dataset(tracker, run_id, paths.meta)
     save_run_info(paths.run_info, tracker, run_id)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
-from pipeline.device import pick_device
+from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import PipelineError
 from pipeline.evaluation import valid_mass
 from pipeline.locks import gone_here, this_host
@@ -97,7 +97,9 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
         sweep.paths.example + "-tune",
         f"trial-{trial.number}",
         trial_tags(sweep, trial, device),
-        run_params | {"num_params": model.num_params(), "vocab_size": dataset.vocab.size},
+        run_params
+        | {"num_params": model.num_params(), "vocab_size": dataset.vocab.size}
+        | resolved_precision(device, params.train.precision),
     )
     trial.set_user_attr("mlflow_run_id", run_id)
     logger = TrainingLogger(tracker, run_id)
