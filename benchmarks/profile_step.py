@@ -22,6 +22,9 @@ from pipeline.training import TrainCallbacks, train
 
 COLUMNS = {"op": "{}", "calls_per_step": "{:.1f}", "ms_per_step": "{:.2f}", "share": "{:.1%}", "dtypes": "{}"}
 LOW_PRECISION = {"c10::BFloat16", "c10::Half"}
+# ops that only reshape or alias a tensor: no arithmetic to emulate
+VIEWS = {"as_strided", "permute", "numpy_T", "t", "transpose", "view", "reshape", "_unsafe_view", "expand", "slice"}
+VIEWS |= {"select", "split", "chunk", "unsqueeze", "squeeze", "alias", "detach", "resolve_conj", "resolve_neg"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def op_rows(events, steps: int) -> list[dict]:
             "ms_per_step": r["us"] / 1e3 / steps,
             "share": r["us"] / whole,
             "dtypes": ",".join(sorted(d.removeprefix("c10::") for d in r["dtypes"])),
-            "low_precision": bool(r["dtypes"] & LOW_PRECISION),
+            "low_precision": bool(r["dtypes"] & LOW_PRECISION) and name.removeprefix("aten::") not in VIEWS,
         }
         for name, r in totals.items()
     ]

@@ -74,7 +74,11 @@ def param_defaults(sample=None) -> dict:
 
 @contextlib.contextmanager
 def _global_tracking_uri(uri: str):
-    """Model.log finds its store only through MLflow's global tracking URI: set it for the call, then restore it."""
+    """Model.log finds its store only through MLflow's global tracking URI: set it for the call, then restore it.
+
+    The private `_tracking_uri` because no public API tells "never set" from a default (MLflow's own
+    `_use_tracking_uri` reads it too), and restoring `get_tracking_uri()`'s default would pin it.
+    """
     before, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:

@@ -130,3 +130,8 @@ def test_cuda_workers_take_the_gpus_round_robin():
     assert [worker_device("auto", i) for i in range(2 * count)] == [
         torch.device("cuda", i % count) for i in range(2 * count)
     ]
+
+
+def test_the_study_names_its_objective_for_the_dashboard(swept):
+    _, tune, *_, study = swept
+    assert study.metric_names == [tune.objective] and tune.objective in ("val_loss", "invalid_mass")

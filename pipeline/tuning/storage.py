@@ -106,9 +106,12 @@ def make_pruner(params: TuneParams) -> optuna.pruners.BasePruner:
 
 def open_study(storage, tune: TuneParams, name: str, worker: int = 0) -> optuna.Study:
     sampler, pruner = make_sampler(tune, worker), make_pruner(tune)
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage, study_name=name, sampler=sampler, pruner=pruner, direction="minimize", load_if_exists=True
     )
+    if study.metric_names != [tune.objective]:  # optuna-dashboard and the plots name the objective by it
+        study.set_metric_names([tune.objective])
+    return study
 
 
 def check_study_settings(study: optuna.Study, params: ExampleParams, tune: TuneParams) -> None:
@@ -156,7 +159,10 @@ def claim_lock(url: str, study: str):
 
 
 def claim_trial(study: optuna.Study, lock) -> optuna.Trial | None:
-    """Take a queued trial, or None when the queue is empty; never create one."""
+    """Take a queued trial, or None when the queue is empty; never create one.
+
+    Not `study.optimize` with `MaxTrialsCallback`: concurrent workers overshoot its count, queued trials do not.
+    """
     optuna.storages.fail_stale_trials(study)  # trials of dead workers, silent past the grace period
     with lock:
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
