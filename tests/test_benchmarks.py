@@ -38,7 +38,7 @@ def run_benchmark(name: str, *args: str, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", ["train_step", "time_to_quality", "sampling", "profile_step"])
+@pytest.mark.parametrize("name", ["train_step", "time_to_quality", "sampling", "profile_step", "optimizer_step"])
 def test_every_benchmark_has_help(name):
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, capture_output=True)
     assert result.returncode == 0 and b"--json" in result.stdout
@@ -207,3 +207,16 @@ def test_profile_step_fails_where_a_bf16_op_is_emulated(tmp_path):
         assert result.returncode == 0 and emulated == [] and "ops with bf16 inputs: aten::" in result.stdout
     else:
         assert result.returncode == 1 and "aten::mm" in emulated and "emulated here" in result.stdout
+
+
+def test_optimizer_step_times_torchs_muon_beside_ours_with_the_same_update(tmp_path):
+    results = run_benchmark("optimizer_step", *TINY_TOY, "--steps", "2", tmp_path=tmp_path)
+    rows = results["rows"]
+    assert [(r["side"], r["dtype"]) for r in rows[:2]] == [
+        ("torch.optim.Muon", "bfloat16"),
+        ("pipeline.optim.Muon", "float32"),
+    ]
+    assert len(rows) == (3 if cpu_supports_bf16() else 2)  # ours in bf16 only where bf16 is native
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["update_error"] == 0
+    assert all(0 < r["update_error"] < 0.05 for r in rows[1:])  # bf16's rounding, no more
+    assert results["matrices"] == 4 and results["machine"]["machine_class"]

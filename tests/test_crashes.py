@@ -90,7 +90,7 @@ def repair_dvc_state(path) -> bool:
 
     DVC rewrites dvc.lock and its table of running stages, .dvc/tmp/rwlock, in place, so a kill
     during either write can leave it empty, and DVC then refuses to run. A user restores dvc.lock
-    from git and deletes the rwlock once no DVC command runs (README: Interruptions and failures);
+    from git and deletes the rwlock once no DVC command runs (docs/failures.md);
     so does this test.
     """
     torn = False
