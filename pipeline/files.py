@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-
 from pipeline.errors import PipelineError
 
 
@@ -91,13 +89,17 @@ def read_json(path: Path) -> dict:
 
 
 def save_torch(path: Path, obj) -> None:
+    import torch  # here, not at the top: the example lock writes through this module before torch loads
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getvalue())
 
 
-def load_torch(path: Path, device: torch.device | str = "cpu"):
+def load_torch(path: Path, device="cpu"):
     """Load tensors and plain containers only: `weights_only=True` never runs pickled code."""
+    import torch
+
     if not Path(path).exists():
         raise PipelineError(f"{path} does not exist: run the train stage first")
     try:

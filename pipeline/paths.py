@@ -101,3 +101,11 @@ class ExamplePaths:
     def reports(self) -> Path:
         """Pictures and tables of what the model learned, with a copy of the loss curve."""
         return self.model_dir / "reports"
+
+
+def shown_path(path: Path) -> str:
+    """`models/toy`: relative to the working directory (the project root) when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -8,7 +8,6 @@ workspace's store and artifact folder rather than into the copy.
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import subprocess
@@ -19,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import filelock
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
-from pipeline.locks import gone_here, shown_path, this_host
+from pipeline.paths import shown_path
+from pipeline.processes import gone_here, this_host
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
 from pipeline.training import EvalRecord, StepRecord
 
@@ -99,16 +100,10 @@ def check_server(uri: str) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _lock(name: str):
-    """An exclusive lock between processes, for as long as the block runs."""
+def _lock(name: str) -> filelock.FileLock:
+    """An exclusive lock between processes, named after `name`, for a `with` block."""
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"char-gpt-{digest}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return filelock.FileLock(Path(tempfile.gettempdir()) / f"char-gpt-{digest}.lock", thread_local=False)
 
 
 def _metrics(values: dict[str, float], step: int) -> list[Metric]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.locks import example_lock, lock_owner, lock_path
+from pipeline.locks import example_lock, lock_owner, lock_path, owner_path
 
 from .helpers import cli_env, read_only, run_cli
 
@@ -59,7 +59,7 @@ def test_a_second_writer_stops_at_once_with_one_line(project, holder):
     assert result.stdout == ""
     assert time.monotonic() - started < 30  # no waiting for the holder (60 s)
     assert not (project / "data/toy/prepared").exists()  # nothing written
-    assert os.listdir(project / "models/toy") == [".lock"]  # no temporary file left either
+    assert sorted(os.listdir(project / "models/toy")) == [".lock", ".lock.owner"]  # no temporary file left either
 
 
 def test_the_lock_of_a_killed_process_is_taken_over_and_says_so(project):
@@ -82,12 +82,12 @@ def test_the_lock_of_a_killed_process_is_taken_over_and_says_so(project):
 
 def test_a_lock_file_with_garbage_is_taken_over(project):
     (project / "models/toy").mkdir(parents=True)
-    lock_path(project / "models/toy").write_bytes(b"\x00\xffnot a record")
+    owner_path(project / "models/toy").write_bytes(b"\x00\xffnot a record")
     assert lock_owner(project / "models/toy") is None
     result = run_cli(project, "prepare", "toy.data.repeats=2")
     assert result.returncode == 0, result.stderr
-    assert "models/toy: taking over models/toy/.lock, which holds no readable record" in result.stderr
-    assert not lock_path(project / "models/toy").exists()
+    assert "models/toy: taking over models/toy/.lock.owner, which holds no readable record" in result.stderr
+    assert not lock_path(project / "models/toy").exists() and not owner_path(project / "models/toy").exists()
 
 
 def test_the_lock_file_is_gone_after_a_clean_exit(project):
