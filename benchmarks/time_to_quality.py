@@ -32,8 +32,9 @@ from pipeline.device import pick_device
 from pipeline.evaluation import eval_windows, split_loss, word_metrics
 from pipeline.model import build_model
 from pipeline.overrides import read_overrides_file
+from pipeline.records import StepRecord
 from pipeline.schema import ExampleParams
-from pipeline.training import StepRecord, TrainCallbacks, train
+from pipeline.training import TrainCallbacks, train
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch, save_torch, write_bytes
 from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
-from pipeline.training import EvalRecord, StepRecord, TrainState
+from pipeline.records import EvalRecord, StepRecord, TrainState
 
 CHECKPOINT_KEYS = {"model", "model_config", "vocab", "step", "best_val_loss", "optimizer"}
 RESUME_KEYS = {"fingerprint", "run_id", "finished", "sampler", "rng", "history", "evals", "seconds"}

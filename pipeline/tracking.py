@@ -28,8 +28,8 @@ from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.paths import shown_path
 from pipeline.processes import gone_here, this_host
+from pipeline.records import EvalRecord, StepRecord
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
-from pipeline.training import EvalRecord, StepRecord
 
 PID_TAG, HOST_TAG = "process.pid", "process.host"  # the process that last marked the run RUNNING
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call

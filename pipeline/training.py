@@ -16,38 +16,8 @@ from pipeline.device import autocast, cpu_threads, setup_device, to_device, uses
 from pipeline.errors import Diverged
 from pipeline.model import GPT
 from pipeline.optim import Optimizers, learning_rate_at, make_optimizer, set_learning_rate
+from pipeline.records import EvalRecord, StepRecord, TrainState
 from pipeline.schema import TrainParams
-
-
-@dataclasses.dataclass
-class StepRecord:
-    step: int
-    train_loss: float
-    lr: float
-    tokens_per_sec: float
-
-
-@dataclasses.dataclass
-class EvalRecord:
-    step: int
-    train_loss: float
-    val_loss: float
-
-
-@dataclasses.dataclass
-class TrainState:
-    """How far a run got: with the model's weights, all that is needed to continue it exactly.
-
-    It refers to the live optimizer tensors: save it before the next step changes them.
-    """
-
-    step: int
-    optimizer: dict
-    sampler: torch.Tensor  # state of the generator that draws the training batches
-    rng: dict  # the global torch, numpy and Python RNG states; dropout draws from torch's
-    history: list[StepRecord]
-    evals: list[EvalRecord]
-    seconds: float
 
 
 @dataclasses.dataclass

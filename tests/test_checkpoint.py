@@ -5,10 +5,11 @@ from pipeline.checkpoint import TrainingCheckpoints, load_checkpoint, load_resum
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
+from pipeline.optim import make_optimizer
+from pipeline.records import TrainState
 from pipeline.stages.evaluate import evaluate_example
 from pipeline.stages.train import train_example
 from pipeline.tracking import save_run_info
-from pipeline.training import TrainState, make_optimizer
 
 from .helpers import tiny_params
 

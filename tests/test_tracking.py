@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.records import EvalRecord, StepRecord
 from pipeline.stages.evaluate import evaluate_example
 from pipeline.stages.train import train_example
 from pipeline.tracking import (
@@ -22,7 +23,6 @@ from pipeline.tracking import (
     save_run_info,
     tracking_uri,
 )
-from pipeline.training import EvalRecord, StepRecord
 
 from .helpers import RESUMABLE, ROOT, TINY, cli, cli_env, prepared_project
 

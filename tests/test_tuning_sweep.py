@@ -7,8 +7,8 @@ from optuna.trial import TrialState
 
 from pipeline.evaluation import valid_mass
 from pipeline.model import build_model
+from pipeline.records import EvalRecord
 from pipeline.stages.tune import tune_example
-from pipeline.training import EvalRecord
 from pipeline.tuning import sweep
 from pipeline.tuning.space import baseline_values
 from pipeline.tuning.sweep import worker_device
