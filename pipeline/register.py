@@ -5,8 +5,9 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
 from pipeline.locks import writes_example
+from pipeline.logged_models import latest_model_id
 from pipeline.paths import ExamplePaths
-from pipeline.registry import latest_model_id, model_name, register
+from pipeline.registry import model_name, register
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, load_run_id
 

@@ -2,7 +2,7 @@
 
 MLflow runs this file to load the model: `set_model` at the bottom hands it the instance. The
 weights travel as the artifact `weights`, a checkpoint read with `torch.load(weights_only=True)`;
-the `pipeline` package travels in the model's `code/` folder (pipeline/registry.py logs both).
+the `pipeline` package travels in the model's `code/` folder (pipeline/logged_models.py logs both).
 
 predict(prompts, params) -> DataFrame, one row per sample (prompt by prompt), columns `prompt`,
 `sample` (0, 1, ...) and `completion` (the new characters only, `max_new_tokens` of them). Served,

@@ -19,10 +19,12 @@ import urllib.request
 from pathlib import Path
 
 import filelock
+import mlflow
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
@@ -275,3 +277,20 @@ class TrainingLogger:
     def flush(self) -> None:
         self.tracker.log_metric_batch(self.run_id, self.pending)
         self.pending = []
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """Model.log finds its store only through MLflow's global tracking URI: set it for the call, then restore it.
+
+    The private `_tracking_uri` because no public API tells "never set" from a default (MLflow's own
+    `_use_tracking_uri` reads it too), and restoring `get_tracking_uri()`'s default would pin it.
+    """
+    before, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env

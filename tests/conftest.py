@@ -8,6 +8,7 @@ from pipeline.data import load_dataset, prepare
 from pipeline.paths import ExamplePaths
 
 from .helpers import copy_inputs, tiny_params, write_tiny_params
+from .model_helpers import model_store, shakespeare, training_run
 from .postgres import postgres_url  # noqa: F401 (a session fixture: a PostgreSQL server)
 
 
@@ -80,3 +81,16 @@ def swept(tmp_path_factory, empty_store):
     tracker = Tracker.for_project(root)
     tune_example(params, paths, tracker, progress=False)
     return params, tune, paths, tracker, load_study(params, tune, root)
+
+
+@pytest.fixture(scope="module")
+def store(trained_project, empty_store, tmp_path_factory):
+    """For the MLflow model tests: a store of each module's own, a run in it, the trained shakespeare files."""
+    tracker = model_store(tmp_path_factory.mktemp("models"), empty_store)
+    return tracker, training_run(tracker), *shakespeare(trained_project[0])
+
+
+@pytest.fixture
+def global_store(store, monkeypatch):
+    """`models:/` URIs resolve through MLflow's global tracking URI: point it at the module's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].uri)

@@ -1,4 +1,5 @@
-"""Helpers of the MLflow model tests (test_served_model.py, test_registry.py): a store of their own."""
+"""Helpers of the MLflow model tests (test_served_model.py, test_logged_models.py, test_registry.py,
+test_datasets.py): a store of their own."""
 
 import shutil
 import urllib.parse

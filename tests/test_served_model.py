@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from pipeline import registry
+from pipeline import logged_models, registry
 from pipeline.checkpoint import load_checkpoint
 from pipeline.sampling import make_generator, sample_texts
 from pipeline.schema import SampleParams
@@ -33,7 +33,7 @@ def logged(trained_project, empty_store, tmp_path_factory):
     checkpoint, _ = shakespeare(trained_project[0])
     tracker = model_store(tmp_path_factory.mktemp("served"), empty_store)
     run_id = training_run(tracker)
-    ref = registry.log_model(tracker, run_id, checkpoint, {"eval.val.loss": 3.5}, prompts=["ROMEO"])
+    ref = logged_models.log_model(tracker, run_id, checkpoint, {"eval.val.loss": 3.5}, prompts=["ROMEO"])
     return tracker, ref.model_id, set(load_checkpoint(checkpoint).vocab.chars)
 
 

@@ -12,8 +12,8 @@ from pipeline.evaluation import split_metrics, word_metrics
 from pipeline.files import read_json, write_json
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
+from pipeline.logged_models import log_model_metrics
 from pipeline.paths import ExamplePaths
-from pipeline.registry import log_model_metrics
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, flatten, load_run_id
 

@@ -11,15 +11,16 @@ import pandas as pd
 
 from pipeline.checkpoint import ResumePoint, TrainingCheckpoints, load_resume_point, save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
+from pipeline.datasets import log_dataset
 from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import Diverged, Stopped
 from pipeline.files import check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
+from pipeline.logged_models import log_model
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
-from pipeline.registry import log_dataset, log_model
 from pipeline.schema import ExampleParams
 from pipeline.system_metrics import system_metrics
 from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags, save_run_info

@@ -23,10 +23,10 @@ from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import PipelineError
 from pipeline.evaluation import valid_mass
+from pipeline.logged_models import log_model
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.processes import gone_here, this_host
-from pipeline.registry import log_model
 from pipeline.schema import ExampleParams
 from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
 from pipeline.training import TrainCallbacks, train
