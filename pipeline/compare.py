@@ -29,13 +29,13 @@ SUMMARY_COLUMNS = {
 
 def runs_table(tracker: Tracker, example: str | None = None, experiment: str | None = None) -> pd.DataFrame:
     """One row per run with its key parameters and final metrics, best validation loss first."""
-    experiments = {e.experiment_id: e.name for e in tracker.client.search_experiments()}
+    experiments = tracker.experiment_names()
     if experiment is not None:
         experiments = {i: n for i, n in experiments.items() if n == experiment}
         if not experiments:
             raise PipelineError(f"no MLflow experiment named '{experiment}' in {tracker.uri}")
     filter_string = f"tags.example = '{example}'" if example else ""
-    runs = tracker.client.search_runs(list(experiments), filter_string, max_results=10_000) if experiments else []
+    runs = tracker.search_runs(list(experiments), filter_string)
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id, "experiment": experiments[run.info.experiment_id]}

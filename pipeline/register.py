@@ -8,8 +8,9 @@ from pipeline.locks import writes_example
 from pipeline.logged_models import latest_model_id
 from pipeline.paths import ExamplePaths
 from pipeline.registry import model_name, register
+from pipeline.run_info import load_run_id
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, load_run_id
+from pipeline.tracking import Tracker
 
 
 @writes_example  # one writer per example: a second one stops at once
@@ -22,7 +23,7 @@ def register_example(
     checkpoint = load_checkpoint(paths.checkpoint)
     run_id = load_run_id(paths.run_info, tracker, trained_in=checkpoint.run_id)
     model_id = read_json(paths.run_info).get("model_id") or latest_model_id(tracker, run_id)
-    val_loss = tracker.client.get_run(run_id).data.metrics.get("final_val_loss")
+    val_loss = tracker.run_metrics(run_id).get("final_val_loss")
     if model_id is None or val_loss is None:
         raise PipelineError(f"MLflow run {run_id} has no finished model: run train again")
     name = model_name(paths.example)

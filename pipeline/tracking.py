@@ -27,8 +27,6 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from pipeline.errors import PipelineError
-from pipeline.files import read_json, write_json
-from pipeline.paths import shown_path
 from pipeline.processes import gone_here, this_host
 from pipeline.records import EvalRecord, StepRecord
 from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
@@ -226,34 +224,23 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each of the run's metrics."""
+        return self.client.get_run(run_id).data.metrics
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+    def experiment_names(self) -> dict[str, str]:
+        """Every experiment of the store, by id."""
+        return {e.experiment_id: e.name for e in self.client.search_experiments()}
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "") -> list:
+        return self.client.search_runs(experiment_ids, filter_string, max_results=10_000) if experiment_ids else []
+
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path)
-
-
-def save_run_info(path: Path, tracker: Tracker, run_id: str, model_id: str | None = None) -> None:
-    """run.json: the run a model was trained in, and its MLflow logged model once there is one."""
-    write_json(path, {"run_id": run_id, "tracking_uri": tracker.uri} | ({"model_id": model_id} if model_id else {}))
-
-
-def load_run_id(path: Path, tracker: Tracker, trained_in: str | None = None) -> str:
-    """The run a model was trained in, checked to exist in this store and, when the checkpoint names
-    the run that trained it (`trained_in`), to be that run."""
-    info = read_json(path)
-    if trained_in and info.get("run_id") != trained_in:
-        checkpoint = shown_path(path.parent / "ckpt.pt")
-        raise PipelineError(
-            f"{checkpoint} was trained in run {trained_in}, but {path.name} names run {info.get('run_id')}: "
-            "run train again"
-        )
-    try:
-        tracker.client.get_run(info["run_id"])
-    except (MlflowException, KeyError):
-        raise PipelineError(
-            f"{path} names MLflow run {info.get('run_id')!r} (store {info.get('tracking_uri')}), which is not in "
-            f"{tracker.uri}: train again, or point MLFLOW_TRACKING_URI at that store"
-        ) from None
-    return info["run_id"]
 
 
 class TrainingLogger:

@@ -7,9 +7,9 @@ from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.optim import make_optimizer
 from pipeline.records import TrainState
+from pipeline.run_info import save_run_info
 from pipeline.stages.evaluate import evaluate_example
 from pipeline.stages.train import train_example
-from pipeline.tracking import save_run_info
 
 from .helpers import tiny_params
 

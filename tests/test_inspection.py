@@ -17,8 +17,8 @@ from pipeline.inspection import (
 )
 from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
 from pipeline.paths import ExamplePaths
+from pipeline.run_info import load_run_id
 from pipeline.stages.inspect import file_stem, inspect_example
-from pipeline.tracking import load_run_id
 
 from .test_plots import png_size
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.records import EvalRecord, StepRecord
+from pipeline.run_info import load_run_id
 from pipeline.stages.evaluate import evaluate_example
 from pipeline.stages.train import train_example
 from pipeline.tracking import (
@@ -18,9 +19,7 @@ from pipeline.tracking import (
     Tracker,
     TrainingLogger,
     flatten,
-    load_run_id,
     project_root,
-    save_run_info,
     tracking_uri,
 )
 
@@ -68,15 +67,6 @@ def test_training_logger_sends_every_step_point(tracker):
     history = tracker.client.get_metric_history(run_id, "train_loss")
     assert len(history) == 1500 and sorted(m.step for m in history) == list(range(1, 1501))
     assert tracker.client.get_metric_history(run_id, "val_loss")[0].value == 0.7
-
-
-def test_run_info_round_trip_and_a_foreign_run_is_named(tracker, tmp_path):
-    run_id = start(tracker)
-    save_run_info(tmp_path / "run.json", tracker, run_id)
-    assert load_run_id(tmp_path / "run.json", tracker) == run_id
-    (tmp_path / "run.json").write_text('{"run_id": "0123abc", "tracking_uri": "elsewhere"}')
-    with pytest.raises(PipelineError, match="'0123abc'.*not in"):
-        load_run_id(tmp_path / "run.json", tracker)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
 from pipeline.plots import attention_maps_png, next_char_heatmap_png
+from pipeline.run_info import load_run_id
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, flatten, load_run_id
+from pipeline.tracking import Tracker, flatten
 
 
 def file_stem(number: int, prompt: str) -> str:

@@ -9,9 +9,10 @@ from pipeline.files import write_text
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
 from pipeline.paths import ExamplePaths
+from pipeline.run_info import load_run_id
 from pipeline.sampling import check_prompts, sample_report
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, flatten, load_run_id
+from pipeline.tracking import Tracker, flatten
 
 
 @writes_example  # one writer per example: a second one stops at once

@@ -21,9 +21,10 @@ from pipeline.logged_models import log_model
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
+from pipeline.run_info import save_run_info
 from pipeline.schema import ExampleParams
 from pipeline.system_metrics import system_metrics
-from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags, save_run_info
+from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
 from pipeline.training import TrainCallbacks, TrainResult, train
 
 

@@ -5,7 +5,6 @@ workers only ever claim queued trials, so any number of them, on any number of m
 exactly the requested total.
 """
 
-import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -176,7 +175,7 @@ def end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial, why: str = 
     """A dead worker's trial was just marked failed: end its MLflow run the same way."""
     if run_id := trial.user_attrs.get("mlflow_run_id"):
         tracker.set_tags(run_id, {"optuna.trial_state": "FAIL", "error": why})
-        tracker.client.set_terminated(run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
 
 
 def claimed_by_this_process(trial: optuna.Trial) -> None:
@@ -249,9 +248,8 @@ def queue_missing_trials(study: optuna.Study, params: ExampleParams, tune: TuneP
 def parent_run(study: optuna.Study, params: ExampleParams, tune: TuneParams, paths, tracker: Tracker, url: str):
     """The sweep's MLflow run: the one the study names when this store has it, else a new one."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
-    with contextlib.suppress(Exception):
-        if run_id and tracker.client.get_run(run_id):
-            return run_id
+    if run_id and tracker.run_status(run_id) is not None:
+        return run_id
     tags = run_tags(paths.example, pick_device(params.train.device)) | {
         "optuna.study": study.study_name,
         "optuna.storage": safe_url(url),
