@@ -25,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "overrides" / "nanogpt.txt"  # nanoGPT's recipe: the baseline both training benchmarks run
 
 
+def benchmark_parser(module_name: str, doc: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of `python -m benchmarks.<name>`: its docstring's first paragraph, an example, the
+    common arguments."""
+    name = module_name.rsplit(".", 1)[-1]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0], epilog=f"Example: {epilog}"
+    )
+    add_common_arguments(parser)
+    return parser
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, example: str = "shakespeare") -> None:
     parser.add_argument("--example", default=example, help="a section of the params file (default: %(default)s)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="default: params.yaml")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import add_common_arguments, example_config, format_table, machine, run_benchmark, synchronize
+from benchmarks.common import benchmark_parser, example_config, format_table, machine, run_benchmark, synchronize
 from pipeline.device import multiplies_bf16, pick_device
 from pipeline.model import build_model
 from pipeline.optim import Muon
@@ -24,12 +24,7 @@ COLUMNS = {"side": "{}", "dtype": "{}", "ms_per_step": "{:.2f}", "vs_torch": "{:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.optimizer_step",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m benchmarks.optimizer_step --steps 20",
-    )
-    add_common_arguments(parser)
+    parser = benchmark_parser(__name__, __doc__, "python -m benchmarks.optimizer_step --steps 20")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=65, help="the model's vocabulary (default: 65)")
     return parser

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from benchmarks.common import add_common_arguments, example_config, format_table, load_example, machine, run_benchmark
+from benchmarks.common import benchmark_parser, example_config, format_table, load_example, machine, run_benchmark
 from pipeline.device import multiplies_bf16, pick_device
 from pipeline.model import build_model
 from pipeline.training import TrainCallbacks, train
@@ -28,12 +28,7 @@ VIEWS |= {"select", "split", "chunk", "unsqueeze", "squeeze", "alias", "detach",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.profile_step",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m benchmarks.profile_step --steps 10 --top 15",
-    )
-    add_common_arguments(parser)
+    parser = benchmark_parser(__name__, __doc__, "python -m benchmarks.profile_step --steps 10 --top 15")
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (default: %(default)s)")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps before them (default: %(default)s)")
     parser.add_argument("--top", type=int, default=12, help="operations to list (default: %(default)s)")

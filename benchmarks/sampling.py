@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    add_common_arguments,
+    benchmark_parser,
     example_config,
     format_table,
     machine,
@@ -29,12 +29,9 @@ from pipeline.model import build_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.sampling",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m benchmarks.sampling --checkpoint models/shakespeare/ckpt.pt",
+    parser = benchmark_parser(
+        __name__, __doc__, "python -m benchmarks.sampling --checkpoint models/shakespeare/ckpt.pt"
     )
-    add_common_arguments(parser)
     parser.add_argument("--checkpoint", type=Path, help="a trained model (default: a fresh one of the example's shape)")
     parser.add_argument("--tokens", help="comma-separated numbers of new tokens (default: block_size and 300)")
     parser.add_argument("--batch", type=int, default=2, help="sequences sampled at once (default: %(default)s)")

@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from benchmarks.common import (
-    add_common_arguments,
     add_reference_argument,
+    benchmark_parser,
     example_config,
     format_table,
     load_example,
@@ -38,12 +38,8 @@ from pipeline.training import TrainCallbacks, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.time_to_quality",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m benchmarks.time_to_quality   (Shakespeare: reference, then defaults; ~6 minutes)",
-    )
-    add_common_arguments(parser)
+    example = "python -m benchmarks.time_to_quality   (Shakespeare: reference, then defaults; ~6 minutes)"
+    parser = benchmark_parser(__name__, __doc__, example)
     add_reference_argument(parser)
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
     parser.add_argument("--budgets", default="30,60,120", help="seconds of training (default: %(default)s)")

@@ -23,8 +23,8 @@ import sys
 import torch
 
 from benchmarks.common import (
-    add_common_arguments,
     add_reference_argument,
+    benchmark_parser,
     example_config,
     flops_per_token,
     format_table,
@@ -61,13 +61,8 @@ COLUMNS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.train_step",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example (nanoGPT's CPU recipe shape, its batch of 12 and a larger one): "
-        "python -m benchmarks.train_step --batch-sizes 12,64 --steps 200",
-    )
-    add_common_arguments(parser)
+    example = "python -m benchmarks.train_step --batch-sizes 12,64 --steps 200   (nanoGPT's batch of 12, and 64)"
+    parser = benchmark_parser(__name__, __doc__, example)
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
