@@ -267,13 +267,13 @@ class GPT(nn.Module):
         """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions.
 
         `start`: the position of idx's first token (rotary positions only), as when a long sample
-        is recomputed from its last tokens.
+        is recomputed from its last tokens; an empty cache starts there too (`KVCache.length`).
         """
         start = cache.length if cache is not None else start
         T = idx.size(1)
         if not self.rotary and self.config.block_size < start + T:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        if cache is not None and start and T > 1:
+        if cache is not None and cache.keys[0] is not None and T > 1:
             raise ValueError("a filled cache takes one token at a time")
         x = self.transformer.wte(idx)
         if not self.rotary:
@@ -312,6 +312,18 @@ class GPT(nn.Module):
         field = min(idx.size(1), self.receptive_field())
         return self(idx[:, -field:], start=idx.size(1) - field)
 
+    def fill_cache(self, idx) -> tuple[KVCache, torch.Tensor]:
+        """A cache of the prompt `idx` and its logits. With rotary positions only its last
+        receptive field, at its own positions: the rest changes no later token, and a whole long
+        prompt at once would make a prompt x prompt attention mask."""
+        keep = self.config.block_size - 1 if self.rotary else self.config.block_size
+        cache = KVCache(self.config.n_layer, keep)
+        if self.rotary:
+            field = min(idx.size(1), self.receptive_field())
+            cache.length, idx = idx.size(1) - field, idx[:, -field:]
+        logits, _ = self(idx, cache=cache)
+        return cache, logits
+
     @torch.no_grad()
     def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
         """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size)."""
@@ -342,10 +354,8 @@ class GPT(nn.Module):
         for _ in steps:
             if not use_cache or (not self.rotary and idx.size(1) > self.config.block_size):
                 logits, _ = self.recompute(idx)
-            elif cache is None:  # fill the cache with the prompt
-                keep = self.config.block_size - 1 if self.rotary else self.config.block_size
-                cache = KVCache(self.config.n_layer, keep)
-                logits, _ = self(idx, cache=cache)
+            elif cache is None:
+                cache, logits = self.fill_cache(idx)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             if temperature == 0:
