@@ -5,8 +5,12 @@ scheme nobody supports, a read-only file first noticed at the first write); here
 a PipelineError that names the store and the problem, before any work is done.
 """
 
+import contextlib
+import logging
 import os
 import re
+import sqlite3
+import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -50,10 +54,62 @@ def check_sqlite_writable(url: str, what: str) -> None:
     os.close(fd)
 
 
+def check_sqlite_opens(url: str, what: str) -> None:
+    """Fail at once for a SQLite file that can never be opened (a folder that cannot be made, a path
+    under /proc, a folder in the file's place): MLflow would retry it for a minute. Only a lock,
+    which another process lets go of, is left to the store's own waiting."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, timeout=0)) as db:
+            db.execute("PRAGMA schema_version")  # reads the header: opens the file for real
+    except OSError as e:
+        raise PipelineError(f"{what} {path} cannot be created: {e.strerror or e} ({e.filename})") from None
+    except sqlite3.Error as e:
+        if "locked" not in str(e):
+            raise PipelineError(f"{what} {path}{chosen_by_env(url)} cannot be opened: {e}") from None
+
+
+def chosen_by_env(uri: str) -> str:
+    """` (MLFLOW_TRACKING_URI)` when the variable chose `uri`: what the user has to change."""
+    return " (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
+
+
+class _OneRetryLine(logging.Filter):
+    """Turns MLflow's multi-line warning at every retry of a database server into one line, once."""
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri, self.said = uri, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "will be retried" in record.getMessage() and not self.said:
+            error = record.args[0] if record.args else ""
+            print(
+                f"the MLflow store {hide_password(self.uri)} does not answer yet ({problem(error)}): "
+                "retrying for up to a minute, as a starting server may need",
+                file=sys.stderr,
+            )
+            self.said = True
+        return "will be retried" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def retries_in_one_line(uri: str):
+    """While the block opens the store, MLflow's retries of a database server say so on one line."""
+    logger, one_line = logging.getLogger("mlflow.store.db.utils"), _OneRetryLine(uri)
+    logger.addFilter(one_line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(one_line)
+
+
 def mlflow_store_problem(uri: str, error: BaseException) -> str:
     """The one line for an MLflow store that a client cannot open."""
-    origin = " (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
-    shown = hide_password(uri)
+    shown, origin = hide_password(uri), chosen_by_env(uri)
     if "unsupported URI" in str(error) or type(error).__name__.startswith("Unsupported"):
         scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0]
         return f"the MLflow store {shown}{origin} has an unsupported URI scheme '{scheme}': use {MLFLOW_SCHEMES}"

@@ -27,12 +27,19 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.locks import gone_here, shown_path, this_host
-from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
+from pipeline.stores import (
+    check_sqlite_opens,
+    check_sqlite_writable,
+    mlflow_store_problem,
+    problem,
+    retries_in_one_line,
+)
 from pipeline.training import EvalRecord, StepRecord
 
 PID_TAG, HOST_TAG = "process.pid", "process.host"  # the process that last marked the run RUNNING
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
 SERVER_TIMEOUT = 5  # seconds to wait for a tracking server to answer before giving up
+SERVER_START_WAIT = 20  # seconds to keep asking a server that refuses connections: it may be starting
 
 
 def project_root() -> Path:
@@ -83,20 +90,34 @@ def check_server(uri: str) -> None:
     """Fail within seconds if an HTTP tracking server does not answer.
 
     MLflow's own client retries for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which is right for
-    a server that drops a request now and then, not for one that is not there at all.
+    a server that drops a request now and then, not for one that is not there at all. A refused
+    connection is asked again for SERVER_START_WAIT seconds, saying so on one line: a server that
+    is starting refuses until it listens. A name that does not resolve or a timeout is not retried.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    deadline, said = time.monotonic() + SERVER_START_WAIT, False
+    while (reason := server_fault(uri)) is not None:
+        if not isinstance(reason, ConnectionRefusedError) or time.monotonic() > deadline:
+            raise PipelineError(
+                f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
+                "to log into the project's sqlite:///mlflow.db"
+            )
+        if not said:
+            print(f"{uri} refuses connections: retrying for up to {SERVER_START_WAIT} s, as for a starting server")
+            said = True
+        time.sleep(0.5)
+
+
+def server_fault(uri: str) -> BaseException | None:
+    """Why the server at `uri` does not answer its health check, or None when it answers at all."""
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT).close()
     except urllib.error.HTTPError:
-        return  # it answered, if only to say no: the server is there
+        return None  # it answered, if only to say no: the server is there
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise PipelineError(
-            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
-            "to log into the project's sqlite:///mlflow.db"
-        ) from None
+        return getattr(e, "reason", e)
+    return None
 
 
 @contextlib.contextmanager
@@ -139,10 +160,12 @@ class Tracker:
         check_server(uri)
         if writable:
             check_sqlite_writable(uri, "the MLflow store")
+        check_sqlite_opens(uri, "the MLflow store")
         # A new client creates a new store's tables, unguarded: two processes at once would collide
         with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
             try:
-                client = MlflowClient(tracking_uri=uri)
+                with retries_in_one_line(uri):
+                    client = MlflowClient(tracking_uri=uri)
             except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
                 raise PipelineError(mlflow_store_problem(uri, e)) from None
         return cls(client, uri, root)

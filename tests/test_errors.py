@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,28 @@ def test_an_unsupported_tracking_uri(tmp_path):
         "use sqlite:///<file>, postgresql://..., mysql://..., http(s)://<server> or file:<folder>"
     )
     assert not (project / "mlflow.db").exists() and nothing_trained(project)
+
+
+@pytest.mark.parametrize(
+    "uri, line",
+    [
+        (
+            "sqlite:////proc/x.db",
+            "the MLflow store /proc/x.db (MLFLOW_TRACKING_URI) cannot be opened: unable to open database file",
+        ),
+        (
+            "sqlite:////dev/null/x/y.db",
+            "the MLflow store /dev/null/x/y.db cannot be created: Not a directory (/dev/null/x)",
+        ),
+    ],
+    ids=["under /proc", "under a file"],
+)
+def test_a_store_that_can_never_open_fails_at_once_without_retries(tmp_path, uri, line):
+    project = prepared_project(tmp_path / "project", None, FAST)
+    started = time.monotonic()
+    result = run_cli(project, "sample", env=cli_env(MLFLOW_TRACKING_URI=uri))
+    assert one_error(result) == f"error: {line}"  # MLflow retried for a minute, a warning at each attempt
+    assert time.monotonic() - started < 30 and "retried" not in result.stdout
 
 
 def test_a_read_only_mlflow_db_stops_writers_but_not_compare(toy_project):

@@ -16,6 +16,7 @@ from pipeline.tracking import (
     SERVER_TIMEOUT,
     Tracker,
     TrainingLogger,
+    check_server,
     flatten,
     load_run_id,
     project_root,
@@ -185,3 +186,24 @@ def test_four_concurrent_trainings_into_one_new_sqlite_store_lose_nothing(tmp_pa
         assert sorted(train_steps) == list(range(1, 121))
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 24
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "history.csv"}
+
+
+def test_a_server_that_is_starting_is_waited_for_on_one_line(capsys):
+    """A refused connection may be a server that does not listen yet: asked again, said once."""
+    import http.server
+    import threading
+
+    with socket.socket() as probe:  # a free port, nobody listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler, bind_and_activate=False)
+    starting = threading.Timer(1.5, lambda: (server.server_bind(), server.server_activate(), server.serve_forever()))
+    starting.start()
+    try:
+        check_server(f"http://127.0.0.1:{port}")  # a 501 for GET is an answer: the server is there
+    finally:
+        server.shutdown()
+        starting.join()
+        server.server_close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "refuses connections: retrying" in lines[0]
