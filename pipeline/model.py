@@ -18,6 +18,12 @@ from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
 STRICT = ConfigDict(extra="forbid")
+# Bounds of the shape keys, far past any model that fits on one machine, so that a typo such as
+# n_layer=10^12 is refused by the schema at once; pipeline/memory.py refuses what this machine cannot hold.
+MAX_LAYERS = 10_000
+MAX_WIDTH = 2**16  # n_embd: one block of this width holds 12 x 2^32 parameters, 200 GB
+MAX_HEADS = 2**12
+MAX_BLOCK_SIZE = 2**20  # positions of a training window
 
 
 @dataclass(config=STRICT)
@@ -28,10 +34,10 @@ class ModelConfig:
     (docs/performance.md); overrides/nanogpt.txt sets nanoGPT's own.
     """
 
-    block_size: PositiveInt = 64
-    n_layer: PositiveInt = 4
-    n_head: PositiveInt = 4
-    n_embd: PositiveInt = 128
+    block_size: Annotated[int, Field(gt=0, le=MAX_BLOCK_SIZE)] = 64
+    n_layer: Annotated[int, Field(gt=0, le=MAX_LAYERS)] = 4
+    n_head: Annotated[int, Field(gt=0, le=MAX_HEADS)] = 4
+    n_embd: Annotated[int, Field(gt=0, le=MAX_WIDTH)] = 128
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     bias: bool = False
     positions: Literal["learned", "rotary"] = "rotary"  # rotary: samples may run past block_size

@@ -196,6 +196,18 @@ def test_an_optuna_db_locked_by_another_process_for_longer_than_the_wait(toy_pro
     assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
 
 
+# ---------------------------------------------------------------- sizes
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_its_mlflow_run(toy_project):
+    """10^7 windows of the toy's 5 positions: some 400 GB of activations. Once, the kernel killed it."""
+    result = run_cli(toy_project, "train", *FAST, "toy.train.batch_size=10000000", "toy.train.sampling=random")
+    line = one_error(result)
+    assert line.startswith("error: training toy needs about ") and " GiB (parameters " in line
+    assert ", activations " in line and line.endswith("free: lower toy.train.batch_size or toy.model.block_size")
+    assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
+
+
 # ---------------------------------------------------------------- sampling
 
 
