@@ -14,7 +14,7 @@ import torch
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, CausalSelfAttention
-from pipeline.sampling import check_prompts, read_prompt, show_char
+from pipeline.sampling import check_prompts, read_prompt, show_char, shown_prompt
 
 
 @dataclasses.dataclass
@@ -77,7 +77,7 @@ def check_inspect_prompts(vocab: Vocabulary, prompts: list[str], block_size: int
         extra = " after the word boundary" if word_list else ""
         raise PipelineError(
             f"prompts longer than the model's context of {block_size} characters{extra}: "
-            + ", ".join(map(repr, too_long))
+            + ", ".join(map(shown_prompt, too_long))
         )
 
 

@@ -12,6 +12,11 @@ from pipeline.schema import SampleParams
 PROGRESS_TOKENS = 2_000  # a generation this long takes seconds or more: show a progress bar (on a terminal)
 
 
+def shown_prompt(prompt: str, longest: int = 60) -> str:
+    """A prompt as a message shows it: whole, or its start and its length."""
+    return repr(prompt) if len(prompt) <= longest else f"{prompt[:longest]!r}... ({len(prompt):,} characters)"
+
+
 def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False) -> None:
     """Fail before any sampling if any prompt has a character the model has never seen.
 
@@ -19,10 +24,11 @@ def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False
     """
     bad = {prompt: vocab.unknown(prompt) for prompt in prompts if vocab.unknown(prompt)}
     if bad:
-        details = "; ".join(f"{p!r} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
+        details = "; ".join(f"{shown_prompt(p)} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
         raise PipelineError(f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}")
     if word_list and (split := [p for p in prompts if BOUNDARY in p]):
-        raise PipelineError(f"a word-list prompt is the start of one word, without {BOUNDARY!r}: {split}")
+        shown = ", ".join(map(shown_prompt, split))
+        raise PipelineError(f"a word-list prompt is the start of one word, without {BOUNDARY!r}: [{shown}]")
 
 
 def _context(vocab: Vocabulary, text: str, copies: int, device) -> torch.Tensor:

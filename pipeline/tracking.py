@@ -23,6 +23,7 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
@@ -250,7 +251,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[i : i + BATCH_LIMIT])
 
     def set_tags(self, run_id: str, tags: dict) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        """Values past MLflow's length limit (a prompt of a whole play) are cut here, without its warning."""
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()])
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
