@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.files import human
 from pipeline.model import ModelConfig
 
 FLOAT = 4  # bytes of a float32
@@ -77,14 +78,6 @@ class Estimate:
 
     def describe(self) -> str:
         return ", ".join(f"{name} {human(size)}" for name, size in self.parts.items() if size)
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or unit == "PiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def optimizer_buffers(shapes: Shapes, optimizer: str) -> int:
@@ -165,6 +158,12 @@ def check_fits(estimate: Estimate, device: torch.device, what: str, key: str) ->
             f"{what} needs about {human(estimate.total)} ({estimate.describe()}), but {device} has "
             f"{human(free)} free: lower {key}"
         )
+
+
+def checkpoint_bytes(config: ModelConfig, vocab_size: int, optimizer: str) -> int:
+    """The size of a checkpoint: the weights and the optimizer state, and room for the rest."""
+    shapes = Shapes(config, vocab_size)
+    return FLOAT * (shapes.params() + optimizer_buffers(shapes, optimizer)) + 2**20
 
 
 def check_training_fits(

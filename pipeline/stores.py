@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.files import SQLITE_WRITE_FAULTS, check_room, limit_note
 
 MLFLOW_SCHEMES = "sqlite:///<file>, postgresql://..., mysql://..., http(s)://<server> or file:<folder>"
 
@@ -35,7 +36,9 @@ def problem(error: BaseException) -> str:
     """The first line of a driver's or MLflow's message, without SQLAlchemy's `(sqlite3.X) ` prefix."""
     error = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
     text = getattr(error, "message", None) or str(error)
-    line = next((line.strip() for line in str(text).splitlines() if line.strip()), type(error).__name__)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    # SQLAlchemy may open with a note on where it failed, not what failed
+    line = next((line for line in lines if not line.startswith("(raised as a result of")), type(error).__name__)
     return re.sub(r"^\([\w.]+\)\s*", "", line)[:300]
 
 
@@ -105,6 +108,43 @@ def retries_in_one_line(uri: str):
         yield
     finally:
         logger.removeFilter(one_line)
+
+
+FRESH_STORE_BYTES = 2**20  # a new MLflow SQLite store with its tables is some 900 KiB
+STORE_GROWTH_BYTES = 2**20  # what one command adds at most: a run's params, tags and metrics
+
+
+def check_store_room(url: str, what: str) -> None:
+    """Fail before any work if the SQLite store could not grow: past the file-size limit, a full disk."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    size = path.stat().st_size if path.exists() else FRESH_STORE_BYTES
+    check_room(path, size + STORE_GROWTH_BYTES, f"{what} {path}")
+
+
+def store_write_fault(uri: str, error: BaseException) -> str | None:
+    """The one line for a store that a full disk or a file-size limit stopped writing; None otherwise."""
+    seen = error
+    while seen is not None:
+        if fault := next((fault for fault in SQLITE_WRITE_FAULTS if fault in str(seen)), None):
+            store = sqlite_file(uri) or hide_password(uri)
+            return f"the MLflow store {store} cannot be written: {fault}{limit_note()}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class QuietStoreErrors(logging.Filter):
+    """Drops MLflow's logged traceback of a failed database write: the error itself becomes one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SQLAlchemy database error" not in record.getMessage()
+
+
+def quiet_store_errors() -> None:
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, QuietStoreErrors) for f in logger.filters):
+        logger.addFilter(QuietStoreErrors())
 
 
 def mlflow_store_problem(uri: str, error: BaseException) -> str:

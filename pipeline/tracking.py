@@ -31,9 +31,13 @@ from pipeline.locks import gone_here, shown_path, this_host
 from pipeline.stores import (
     check_sqlite_opens,
     check_sqlite_writable,
+    check_store_room,
     mlflow_store_problem,
     problem,
+    quiet_store_errors,
     retries_in_one_line,
+    sqlite_file,
+    store_write_fault,
 )
 from pipeline.training import EvalRecord, StepRecord
 
@@ -145,6 +149,41 @@ def process_is_dead(run) -> bool:
     return gone_here(tags.get(HOST_TAG), tags.get(PID_TAG))
 
 
+class StoreClient:
+    """An MlflowClient whose calls turn a write that a full disk or a file-size limit stopped into one
+    PipelineError naming the store; every other call and error is the client's own."""
+
+    def __init__(self, client: MlflowClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except Exception as e:
+                if (line := store_write_fault(self._uri, e)) is None:
+                    raise
+                raise PipelineError(line) from None
+
+        return call
+
+
+def open_client(uri: str, fresh: bool) -> MlflowClient:
+    """The client of `uri`; a `fresh` store file, which could not be filled (a full disk), is removed."""
+    try:
+        with retries_in_one_line(uri):
+            return MlflowClient(tracking_uri=uri)
+    except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
+        if fresh and (path := sqlite_file(uri)):
+            for leftover in (path, path.with_name(path.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+        raise PipelineError(store_write_fault(uri, e) or mlflow_store_problem(uri, e)) from None
+
+
 @dataclasses.dataclass
 class Tracker:
     """An MLflow client bound to one store, and where local artifacts of that store go."""
@@ -161,15 +200,14 @@ class Tracker:
         check_server(uri)
         if writable:
             check_sqlite_writable(uri, "the MLflow store")
-        check_sqlite_opens(uri, "the MLflow store")
+            check_store_room(uri, "the MLflow store")
+        quiet_store_errors()  # a failed write becomes one line (StoreClient), not MLflow's logged traceback
         # A new client creates a new store's tables, unguarded: two processes at once would collide
         with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
-            try:
-                with retries_in_one_line(uri):
-                    client = MlflowClient(tracking_uri=uri)
-            except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
-                raise PipelineError(mlflow_store_problem(uri, e)) from None
-        return cls(client, uri, root)
+            fresh = (path := sqlite_file(uri)) is not None and not path.exists()
+            check_sqlite_opens(uri, "the MLflow store")
+            client = open_client(uri, fresh)
+        return cls(StoreClient(client, uri), uri, root)
 
     def experiment_id(self, name: str) -> str:
         if experiment := self.client.get_experiment_by_name(name):
@@ -188,7 +226,7 @@ class Tracker:
             owner = {PID_TAG: str(os.getpid()), HOST_TAG: this_host()}  # a new run is RUNNING: say whose
             run = self.client.create_run(self.experiment_id(experiment), tags=tags | owner, run_name=run_name)
         except MlflowException as e:
-            raise PipelineError(f"cannot start an MLflow run in {self.uri}: {e}") from None
+            raise PipelineError(f"cannot start an MLflow run in {self.uri}: {problem(e)}") from None
         params = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -220,7 +258,11 @@ class Tracker:
         try:
             self.client.set_terminated(run_id, status)
         except Exception as e:
-            print(f"warning: could not mark MLflow run {run_id} {status} in {self.uri}: {e}", file=sys.stderr)
+            print(
+                f"warning: could not mark MLflow run {run_id} {status} in {self.uri} ({problem(e)}): "
+                "it stays RUNNING until the example's next train marks it KILLED",
+                file=sys.stderr,
+            )
 
     def end_dead_runs(self, experiment: str) -> list[str]:
         """Mark KILLED the RUNNING runs of `experiment` whose process is proven dead; returns their ids."""

@@ -96,6 +96,22 @@ def test_a_store_that_can_never_open_fails_at_once_without_retries(tmp_path, uri
     assert time.monotonic() - started < 30 and "retried" not in result.stdout
 
 
+@pytest.mark.parametrize("existing", [True, False], ids=["a store", "no store yet"])
+def test_a_store_past_the_file_size_limit_is_one_line_before_any_run(tmp_path, empty_store, existing):
+    """`ulimit -f 200`: MLflow's logged tracebacks, then a two-line error, or a half-made new store."""
+    from .test_files import limit_file_size
+
+    project = prepared_project(tmp_path / "project", empty_store if existing else None, FAST)
+    store = project / "mlflow.db"
+    before = digest(store) if existing else None
+    result = run_cli(project, "train", *FAST, flags=("--no-progress",), preexec_fn=limit_file_size(200 * 1024))
+    line = one_error(result)
+    assert line.startswith(f"error: cannot write the MLflow store {store}: it needs ")
+    assert line.endswith(", past this process's file-size limit of 200.0 KiB (ulimit -f): raise the limit")
+    assert (digest(store) == before and run_count(store) == 0) if existing else not store.exists()
+    assert nothing_trained(project)
+
+
 def test_a_read_only_mlflow_db_stops_writers_but_not_compare(toy_project):
     store = toy_project / "mlflow.db"
     before = digest(store)

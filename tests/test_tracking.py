@@ -207,3 +207,30 @@ def test_a_server_that_is_starting_is_waited_for_on_one_line(capsys):
         server.server_close()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "refuses connections: retrying" in lines[0]
+
+
+STORE_PAST_THE_LIMIT = """
+import os, resource, sys
+from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.tracking import Tracker
+tracker = Tracker.for_project(Path(sys.argv[1]))
+run_id = tracker.start_run("toy", "toy", {}, {})
+limit = os.path.getsize(sys.argv[1] + "/mlflow.db") // 2  # every page past it is out of reach: a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+try:
+    tracker.set_tags(run_id, {f"tag{i}": "x" * 1000 for i in range(200)})
+except PipelineError as e:
+    print(e)
+"""
+
+
+def test_a_store_write_that_the_disk_refuses_is_one_pipeline_error(tmp_path, empty_store):
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    command = [sys.executable, "-c", STORE_PAST_THE_LIMIT, str(tmp_path)]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "SQLAlchemy" not in result.stderr, result.stderr
+    assert result.stdout.startswith(f"the MLflow store {tmp_path / 'mlflow.db'} cannot be written: disk I/O error")
+    assert "(the file-size limit, ulimit -f, is " in result.stdout

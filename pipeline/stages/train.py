@@ -13,10 +13,10 @@ from pipeline.checkpoint import ResumePoint, TrainingCheckpoints, load_resume_po
 from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.device import pick_device
 from pipeline.errors import Diverged, Stopped
-from pipeline.files import check_writable, write_json, write_text
+from pipeline.files import check_free, check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
-from pipeline.memory import check_training_fits
+from pipeline.memory import check_training_fits, checkpoint_bytes
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
@@ -105,10 +105,17 @@ def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab, run_i
     return summary
 
 
-def prepare_model_folders(paths: ExamplePaths) -> None:
-    """Fail now, not after an hour of training, if the outputs cannot be written."""
+# ckpt.pt, latest.pt, best.pt, the run's copy of ckpt.pt, the logged model's weights, their temporary files
+CHECKPOINT_COPIES = 6
+
+
+def prepare_model_folders(paths: ExamplePaths, checkpoint_size: int) -> None:
+    """Fail now, not after an hour of training, if the outputs cannot be written: a folder that takes
+    no files, too little room on the disk for the checkpoints. (A checkpoint past the file-size limit
+    fails at its first save, which keeps the one before: tests/test_files.py.)"""
     for folder in (paths.model_dir, paths.checkpoints):
         check_writable(folder)
+    check_free(paths.model_dir, CHECKPOINT_COPIES * checkpoint_size, f"the checkpoints of {paths.model_dir}")
     for leftover in paths.checkpoints.glob(".*.tmp"):  # a process killed halfway through a write left it
         leftover.unlink()
 
@@ -178,7 +185,7 @@ def train_example(
     check_data_fits(dataset, params.model.block_size, paths.example)
     device = pick_device(params.train.device)
     check_model_fits(params, dataset.vocab.size, device, paths.example)
-    prepare_model_folders(paths)
+    prepare_model_folders(paths, checkpoint_bytes(params.model, dataset.vocab.size, params.train.optimizer))
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     fingerprint = training_fingerprint(params, dataset)
     end_dead_runs(tracker, paths.example)
