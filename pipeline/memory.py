@@ -13,14 +13,13 @@ the parameters, the key/value cache and one forward pass's largest tensors.
 """
 
 import dataclasses
-import math
 
 import psutil
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.files import human
-from pipeline.model import ModelConfig
+from pipeline.model import ModelConfig, mlp_hidden
 
 FLOAT = 4  # bytes of a float32
 TOKEN = 8  # bytes of an int64 token id
@@ -33,20 +32,18 @@ class Shapes:
     config: ModelConfig
     vocab_size: int
 
+    def norm_params(self) -> int:
+        layernorm_bias = self.config.norm == "layernorm" and self.config.bias
+        return self.config.n_embd * (2 if layernorm_bias else 1)
+
     @property
     def mlp_hidden(self) -> int:
-        """The MLP's inner width (MLP in pipeline/model.py)."""
-        C = self.config.n_embd
-        return 64 * math.ceil(8 * C / 3 / 64) if self.config.mlp == "swiglu" else 4 * C
+        return mlp_hidden(self.config)
 
     @property
     def mlp_in_width(self) -> int:
         """c_fc's outputs: SwiGLU's gate and value side by side."""
         return self.mlp_hidden * (2 if self.config.mlp == "swiglu" else 1)
-
-    def norm_params(self) -> int:
-        layernorm_bias = self.config.norm == "layernorm" and self.config.bias
-        return self.config.n_embd * (2 if layernorm_bias else 1)
 
     def block_matrices(self) -> int:
         """The 2-D weights of one block: qkv, attention out, MLP in and out (what Muon updates)."""

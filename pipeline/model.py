@@ -172,12 +172,17 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def mlp_hidden(config: ModelConfig) -> int:
+    """The MLP's inner width. SwiGLU's two input projections at 8/3 of the width keep the parameters
+    of a 4x MLP."""
+    return 64 * math.ceil(8 * config.n_embd / 3 / 64) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
 class MLP(nn.Module):
     def __init__(self, config: "GPTConfig"):
         super().__init__()
         self.kind = config.mlp
-        # SwiGLU's two input projections at 8/3 of the width keep the parameters of a 4x MLP
-        hidden = 4 * config.n_embd if config.mlp != "swiglu" else 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        hidden = mlp_hidden(config)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if config.mlp == "swiglu" else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

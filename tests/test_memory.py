@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.memory import Shapes, check_fits, human, sampling_estimate, training_estimate
+from pipeline.files import human
+from pipeline.memory import Shapes, check_fits, sampling_estimate, training_estimate
 from pipeline.model import ModelConfig, build_model
 
 from .helpers import cli_env
