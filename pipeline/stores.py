@@ -64,10 +64,13 @@ def check_sqlite_opens(url: str, what: str) -> None:
     path = sqlite_file(url)
     if path is None:
         return
+    probe = not path.exists()  # a file made only to try it is removed: the store makes its own
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(sqlite3.connect(path, timeout=0)) as db:
             db.execute("PRAGMA schema_version")  # reads the header: opens the file for real
+        if probe:
+            path.unlink(missing_ok=True)
     except OSError as e:
         raise PipelineError(f"{what} {path} cannot be created: {e.strerror or e} ({e.filename})") from None
     except sqlite3.Error as e:

@@ -44,7 +44,7 @@ from pipeline.training import EvalRecord, StepRecord
 PID_TAG, HOST_TAG = "process.pid", "process.host"  # the process that last marked the run RUNNING
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
 SERVER_TIMEOUT = 5  # seconds to wait for a tracking server to answer before giving up
-SERVER_START_WAIT = 20  # seconds to keep asking a server that refuses connections: it may be starting
+SERVER_START_WAIT = SERVER_TIMEOUT  # seconds to ask again a server that refuses connections: it may be starting
 
 
 def project_root() -> Path:
@@ -198,15 +198,14 @@ class Tracker:
         root = root or project_root()
         uri = tracking_uri(root)
         check_server(uri)
-        if writable:
-            check_sqlite_writable(uri, "the MLflow store")
-            check_store_room(uri, "the MLflow store")
         quiet_store_errors()  # a failed write becomes one line (StoreClient), not MLflow's logged traceback
         # A new client creates a new store's tables, unguarded: two processes at once would collide
         with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
-            fresh = (path := sqlite_file(uri)) is not None and not path.exists()
             check_sqlite_opens(uri, "the MLflow store")
-            client = open_client(uri, fresh)
+            if writable:
+                check_sqlite_writable(uri, "the MLflow store")
+                check_store_room(uri, "the MLflow store")
+            client = open_client(uri, fresh=(path := sqlite_file(uri)) is not None and not path.exists())
         return cls(StoreClient(client, uri), uri, root)
 
     def experiment_id(self, name: str) -> str:
