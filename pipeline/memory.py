@@ -23,6 +23,11 @@ from pipeline.model import ModelConfig, mlp_hidden
 
 FLOAT = 4  # bytes of a float32
 TOKEN = 8  # bytes of an int64 token id
+# What a stage allocates besides the model's tensors, measured on the CPU (README: the memory
+# estimate): training logs an MLflow model (which runs its input example), draws the loss curve and
+# samples system metrics, some 450-600 MiB over the imports; sampling and evaluation 40-100 MiB.
+TRAINING_OVERHEAD = 512 * 2**20
+INFERENCE_OVERHEAD = 128 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,7 @@ def training_estimate(config: ModelConfig, vocab_size: int, batch: int, optimize
             "gradients": FLOAT * params,
             "optimizer state": FLOAT * optimizer_buffers(shapes, optimizer),
             "activations": FLOAT * training_activations(shapes, batch, config.block_size),
+            "the stage's own": TRAINING_OVERHEAD,
         }
     )
 
@@ -126,6 +132,7 @@ def inference_estimate(config: ModelConfig, vocab_size: int, batch: int, tokens:
             "parameters": FLOAT * shapes.params(),
             "key/value cache": FLOAT * 2 * config.n_layer * batch * cached * config.n_embd,
             "activations": FLOAT * forward_peak(shapes, batch, tokens),
+            "the stage's own": INFERENCE_OVERHEAD,
         }
     )
 
