@@ -113,3 +113,11 @@ def test_the_sample_stage_samples_a_prompt_of_100000_characters_as_the_uncached_
     generator = make_generator(sample.seed, "cpu")
     plain = model.generate(context, 12, sample.temperature, sample.top_k, generator, use_cache=False)
     assert report == format_texts(LONG_PROMPT, [vocab.decode(row.tolist()) for row in plain])
+
+
+def test_samples_that_cannot_fit_are_refused_before_any_sampling(trained_project):
+    root, tracker = trained_project
+    params = load_params(root / "params.yaml", ["toy.sample.num_samples=1000000000000"])["toy"]
+    paths = ExamplePaths(root, "toy")
+    with pytest.raises(PipelineError, match=r"^sampling toy needs about .* free: lower toy.sample.num_samples$"):
+        sample_example(params, paths, tracker)
