@@ -337,8 +337,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
-        """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size)."""
-        logits, _ = self(idx[:, -self.config.block_size :])
+        """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size), from the
+        tokens the next one depends on, as generation reads them."""
+        logits, _ = self.recompute(idx)
         return probabilities(logits[:, -1, :], temperature, top_k)
 
     @torch.no_grad()
