@@ -95,11 +95,18 @@ class _OneRetryLine(logging.Filter):
             error = record.args[0] if record.args else ""
             print(
                 f"the MLflow store {hide_password(self.uri)} does not answer yet ({problem(error)}): "
-                "retrying for up to a minute, as a starting server may need",
+                f"MLflow retries for up to {mlflow_retry_seconds():.0f} s, as a starting server may need",
                 file=sys.stderr,
             )
             self.said = True
         return "will be retried" not in record.getMessage()
+
+
+def mlflow_retry_seconds() -> float:
+    """How long MLflow keeps retrying a database it cannot connect to (create_sqlalchemy_engine_with_retry)."""
+    from mlflow.store.db.utils import MAX_RETRY_COUNT
+
+    return sum(0.1 * (2**attempt - 1) for attempt in range(1, MAX_RETRY_COUNT))
 
 
 @contextlib.contextmanager
