@@ -188,7 +188,7 @@ def open_client(uri: str, fresh: bool) -> MlflowClient:
 class Tracker:
     """An MLflow client bound to one store, and where local artifacts of that store go."""
 
-    client: MlflowClient
+    client: StoreClient  # an MlflowClient, its full-disk errors one line each
     uri: str
     root: Path
 
