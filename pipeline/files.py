@@ -1,9 +1,11 @@
 """Reading and writing files so that a killed process leaves the old file or the new one."""
 
+import errno
 import io
 import json
 import os
 import pickle
+import resource
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -65,6 +67,64 @@ def check_writable(folder: Path) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise PipelineError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no room on the disk, past the file-size limit, over quota
+SQLITE_WRITE_FAULTS = ("disk I/O error", "database or disk is full")  # how SQLite reports the same
+
+
+def human(size: float) -> str:
+    """`1.5 GiB`: a size in bytes as a message shows it."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (`ulimit -f`, RLIMIT_FSIZE), or None for no limit.
+    Python ignores SIGXFSZ, so a write past it fails with EFBIG instead of killing the process."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def check_room(path: Path, size: int, what: str = "") -> None:
+    """Fail before any work if `path` could not be written at `size` bytes: past the file-size limit,
+    or more than its disk has free. `what` names the file in the message (default: its path)."""
+    what, path = what or str(path), Path(path)
+    limit = file_size_limit()
+    if limit is not None and size > limit:
+        raise PipelineError(
+            f"cannot write {what}: it needs {human(size)}, past this process's file-size limit of {human(limit)} "
+            "(ulimit -f): raise the limit"
+        )
+    check_free(path, size, what)
+
+
+def check_free(path: Path, size: int, what: str) -> None:
+    """Fail before any work if the disk of `path` has less than `size` bytes free for `what`."""
+    folder = next((p for p in [Path(path).parent, *Path(path).parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise PipelineError(f"cannot write {what}: it needs {human(size)}, its disk has {human(free)} free")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The one line for an error that is a full disk or a file-size limit, wherever it was raised
+    (torch, MLflow's artifact copy, matplotlib): the file and the reason; None for any other error."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            written = seen.filename2 or seen.filename  # a copy names its source, then the file it writes
+            return f"cannot write {written or 'a file'}: {seen.strerror}{limit_note()}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def limit_note() -> str:
+    limit = file_size_limit()
+    return f" (the file-size limit, ulimit -f, is {human(limit)})" if limit is not None else ""
 
 
 def write_bytes(path: Path, data: bytes) -> None:

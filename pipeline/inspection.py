@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from pipeline.data import BOUNDARY, Vocabulary
+from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, CausalSelfAttention
-from pipeline.sampling import check_prompts, show_char
+from pipeline.sampling import check_prompts, read_prompt, show_char, shown_prompt
 
 
 @dataclasses.dataclass
@@ -69,25 +69,20 @@ def forward_with_attention(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor,
     return logits, torch.stack(weights, dim=1)
 
 
-def model_context(prompt: str, word_list: bool) -> str:
-    """A word-list model reads a word from the boundary before it, as it was trained to."""
-    return BOUNDARY + prompt if word_list else prompt
-
-
 def check_inspect_prompts(vocab: Vocabulary, prompts: list[str], block_size: int, word_list: bool) -> None:
     """Fail before any work if a prompt has unknown characters or does not fit the model's context."""
     check_prompts(vocab, prompts)
-    too_long = [p for p in prompts if len(model_context(p, word_list)) > block_size]
+    too_long = [p for p in prompts if len(read_prompt(p, word_list)) > block_size]
     if too_long:
         extra = " after the word boundary" if word_list else ""
         raise PipelineError(
             f"prompts longer than the model's context of {block_size} characters{extra}: "
-            + ", ".join(map(repr, too_long))
+            + ", ".join(map(shown_prompt, too_long))
         )
 
 
 def inspect_prompt(model: GPT, vocab: Vocabulary, prompt: str, word_list: bool, device) -> Inspection:
-    context = model_context(prompt, word_list)
+    context = read_prompt(prompt, word_list)
     idx = torch.tensor([vocab.encode(context, "prompt")], dtype=torch.long, device=device)
     logits, attention = forward_with_attention(model, idx)
     probs = logits[0].float().softmax(dim=-1).cpu()

@@ -75,12 +75,14 @@ def log_model(
     sample=None,
     prompts: list[str] | None = None,
     name: str = "model",
+    word_list: bool = False,
 ) -> LoggedModelRef:
     """Log the checkpoint as an MLflow logged model of run `run_id` at `step` (default: the checkpoint's).
 
     MLflow links the run's metrics of that step to the model; `metrics` are logged to both at that step
     (pass only new ones, e.g. eval metrics). `sample` (the example's SampleParams) sets the params'
     defaults; the first two of `prompts` make the input example (default: one letter of the vocabulary).
+    `word_list`: the model completes words of a word list (data.kind words), read as the sample stage does.
     """
     run = tracker.client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +103,7 @@ def log_model(
                 python_model=str(CODE_FILE),
                 artifacts={served_model.WEIGHTS: str(weights)},
                 code_paths=[str(PACKAGE)],
+                model_config={"word_list": word_list},  # what load_context reads
                 signature=signature(param_defaults(sample)),
                 input_example=(pd.DataFrame({"prompt": (prompts or letters)[:2]}), {"max_new_tokens": 8}),
                 pip_requirements=[f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in REQUIREMENTS],

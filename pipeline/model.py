@@ -18,6 +18,12 @@ from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
 STRICT = ConfigDict(extra="forbid")
+# Bounds of the shape keys, far past any model that fits on one machine, so that a typo such as
+# n_layer=10^12 is refused by the schema at once; pipeline/memory.py refuses what this machine cannot hold.
+MAX_LAYERS = 10_000
+MAX_WIDTH = 2**16  # n_embd: one block of this width holds 12 x 2^32 parameters, 200 GB
+MAX_HEADS = 2**12
+MAX_BLOCK_SIZE = 2**20  # positions of a training window
 
 
 @dataclass(config=STRICT)
@@ -28,10 +34,10 @@ class ModelConfig:
     (docs/performance.md); overrides/nanogpt.txt sets nanoGPT's own.
     """
 
-    block_size: PositiveInt = 64
-    n_layer: PositiveInt = 4
-    n_head: PositiveInt = 4
-    n_embd: PositiveInt = 128
+    block_size: Annotated[int, Field(gt=0, le=MAX_BLOCK_SIZE)] = 64
+    n_layer: Annotated[int, Field(gt=0, le=MAX_LAYERS)] = 4
+    n_head: Annotated[int, Field(gt=0, le=MAX_HEADS)] = 4
+    n_embd: Annotated[int, Field(gt=0, le=MAX_WIDTH)] = 128
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     bias: bool = False
     positions: Literal["learned", "rotary"] = "rotary"  # rotary: samples may run past block_size
@@ -166,12 +172,17 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def mlp_hidden(config: ModelConfig) -> int:
+    """The MLP's inner width. SwiGLU's two input projections at 8/3 of the width keep the parameters
+    of a 4x MLP."""
+    return 64 * math.ceil(8 * config.n_embd / 3 / 64) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
 class MLP(nn.Module):
     def __init__(self, config: "GPTConfig"):
         super().__init__()
         self.kind = config.mlp
-        # SwiGLU's two input projections at 8/3 of the width keep the parameters of a 4x MLP
-        hidden = 4 * config.n_embd if config.mlp != "swiglu" else 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        hidden = mlp_hidden(config)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if config.mlp == "swiglu" else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -267,13 +278,13 @@ class GPT(nn.Module):
         """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions.
 
         `start`: the position of idx's first token (rotary positions only), as when a long sample
-        is recomputed from its last tokens.
+        is recomputed from its last tokens; an empty cache starts there too (`KVCache.length`).
         """
         start = cache.length if cache is not None else start
         T = idx.size(1)
         if not self.rotary and self.config.block_size < start + T:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        if cache is not None and start and T > 1:
+        if cache is not None and cache.keys[0] is not None and T > 1:
             raise ValueError("a filled cache takes one token at a time")
         x = self.transformer.wte(idx)
         if not self.rotary:
@@ -312,10 +323,23 @@ class GPT(nn.Module):
         field = min(idx.size(1), self.receptive_field())
         return self(idx[:, -field:], start=idx.size(1) - field)
 
+    def fill_cache(self, idx) -> tuple[KVCache, torch.Tensor]:
+        """A cache of the prompt `idx` and its logits. With rotary positions only its last
+        receptive field, at its own positions: the rest changes no later token, and a whole long
+        prompt at once would make a prompt x prompt attention mask."""
+        keep = self.config.block_size - 1 if self.rotary else self.config.block_size
+        cache = KVCache(self.config.n_layer, keep)
+        if self.rotary:
+            field = min(idx.size(1), self.receptive_field())
+            cache.length, idx = idx.size(1) - field, idx[:, -field:]
+        logits, _ = self(idx, cache=cache)
+        return cache, logits
+
     @torch.no_grad()
     def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
-        """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size)."""
-        logits, _ = self(idx[:, -self.config.block_size :])
+        """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size), from the
+        tokens the next one depends on, as generation reads them."""
+        logits, _ = self.recompute(idx)
         return probabilities(logits[:, -1, :], temperature, top_k)
 
     @torch.no_grad()
@@ -342,10 +366,8 @@ class GPT(nn.Module):
         for _ in steps:
             if not use_cache or (not self.rotary and idx.size(1) > self.config.block_size):
                 logits, _ = self.recompute(idx)
-            elif cache is None:  # fill the cache with the prompt
-                keep = self.config.block_size - 1 if self.rotary else self.config.block_size
-                cache = KVCache(self.config.n_layer, keep)
-                logits, _ = self(idx, cache=cache)
+            elif cache is None:
+                cache, logits = self.fill_cache(idx)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             if temperature == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import example_params, load_params
 from pipeline.errors import PipelineError
+from pipeline.files import write_failure
 from pipeline.paths import ExamplePaths
 
 
@@ -18,6 +19,11 @@ def run(stage: Callable, example: str, params_file: Path, overrides: list[str] =
         stage(params, ExamplePaths(Path.cwd(), example), **options)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk, or the file-size limit, wherever the write was
+        if (line := write_failure(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT/SIGTERM turned into Stopped: 128 + the signal, as a shell says
         print(f"error: {e or 'interrupted'}", file=sys.stderr)

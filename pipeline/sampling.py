@@ -12,6 +12,11 @@ from pipeline.schema import SampleParams
 PROGRESS_TOKENS = 2_000  # a generation this long takes seconds or more: show a progress bar (on a terminal)
 
 
+def shown_prompt(prompt: str, longest: int = 60) -> str:
+    """A prompt as a message shows it: whole, or its start and its length."""
+    return repr(prompt) if len(prompt) <= longest else f"{prompt[:longest]!r}... ({len(prompt):,} characters)"
+
+
 def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False) -> None:
     """Fail before any sampling if any prompt has a character the model has never seen.
 
@@ -19,10 +24,11 @@ def check_prompts(vocab: Vocabulary, prompts: list[str], word_list: bool = False
     """
     bad = {prompt: vocab.unknown(prompt) for prompt in prompts if vocab.unknown(prompt)}
     if bad:
-        details = "; ".join(f"{p!r} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
+        details = "; ".join(f"{shown_prompt(p)} has {', '.join(map(repr, chars))}" for p, chars in bad.items())
         raise PipelineError(f"prompt characters outside the vocabulary {''.join(vocab.chars)!r}: {details}")
     if word_list and (split := [p for p in prompts if BOUNDARY in p]):
-        raise PipelineError(f"a word-list prompt is the start of one word, without {BOUNDARY!r}: {split}")
+        shown = ", ".join(map(shown_prompt, split))
+        raise PipelineError(f"a word-list prompt is the start of one word, without {BOUNDARY!r}: [{shown}]")
 
 
 def _context(vocab: Vocabulary, text: str, copies: int, device) -> torch.Tensor:
@@ -33,16 +39,41 @@ def make_generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample_texts(model: GPT, vocab: Vocabulary, prompt: str, params: SampleParams, generator, device) -> list[str]:
+def read_prompt(prompt: str, word_list: bool) -> str:
+    """What the model reads for `prompt`: a word list's word from the boundary before it, as it was
+    trained to; running text as it is. The sample stage, inspect and the served model all read so."""
+    return BOUNDARY + prompt if word_list else prompt
+
+
+def completion(generated: str, word_list: bool) -> str:
+    """The new text a model wrote after its context: for a word list, up to the word's end."""
+    return generated.split(BOUNDARY, 1)[0] if word_list else generated
+
+
+def continuations(
+    model: GPT, vocab: Vocabulary, prompt: str, count: int, sampling: tuple, generator, device, word_list: bool
+) -> list[str]:
+    """`count` completions of `prompt`; `sampling` = (max_new_tokens, temperature, top_k)."""
+    context = read_prompt(prompt, word_list)
+    max_new_tokens, temperature, top_k = sampling
     out = model.generate(
-        _context(vocab, prompt, params.num_samples, device),
-        params.max_new_tokens,
-        params.temperature,
-        params.top_k,
+        _context(vocab, context, count, device),
+        max_new_tokens,
+        temperature,
+        top_k,
         generator,
-        progress=params.max_new_tokens >= PROGRESS_TOKENS,
+        progress=max_new_tokens >= PROGRESS_TOKENS,
     )
-    return [vocab.decode(row.tolist()) for row in out]
+    return [completion(vocab.decode(row[len(context) :].tolist()), word_list) for row in out]
+
+
+def sampling_of(params: SampleParams) -> tuple:
+    return params.max_new_tokens, params.temperature, params.top_k
+
+
+def sample_texts(model: GPT, vocab: Vocabulary, prompt: str, params: SampleParams, generator, device) -> list[str]:
+    texts = continuations(model, vocab, prompt, params.num_samples, sampling_of(params), generator, device, False)
+    return [prompt + text for text in texts]
 
 
 def sample_words(
@@ -57,11 +88,8 @@ def sample_words(
     device,
 ) -> list[str]:
     """Words that start with `prefix`, each ended at the first boundary the model emits."""
-    out = model.generate(
-        _context(vocab, BOUNDARY + prefix, count, device), max_new_tokens, temperature, top_k, generator
-    )
-    continuations = (vocab.decode(row[len(prefix) + 1 :].tolist()) for row in out)
-    return [prefix + text.split(BOUNDARY, 1)[0] for text in continuations]
+    sampling = (max_new_tokens, temperature, top_k)
+    return [prefix + text for text in continuations(model, vocab, prefix, count, sampling, generator, device, True)]
 
 
 def next_char_table(model: GPT, vocab: Vocabulary, context: str, k: int, device) -> list[tuple[str, float]]:
@@ -92,7 +120,8 @@ def complete_word(model: GPT, vocab: Vocabulary, prefix: str, params: SamplePara
         generator,
         device,
     )
-    return WordCompletion(prefix, greedy, next_char_table(model, vocab, BOUNDARY + prefix, 3, device), samples)
+    next_chars = next_char_table(model, vocab, read_prompt(prefix, True), 3, device)
+    return WordCompletion(prefix, greedy, next_chars, samples)
 
 
 def show_char(ch: str) -> str:

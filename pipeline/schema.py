@@ -23,6 +23,7 @@ UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Tokens per sample: a whole play is ~100k characters. Each token is one forward pass, so 1e5 tokens
 # is minutes on a CPU per sample; a typo such as 1e9 would run for weeks and fill memory first.
 MAX_NEW_TOKENS = 100_000
+MAX_BATCH = 2**24  # windows a batch; what fits is pipeline/memory.py's to say
 
 
 @dataclass(config=STRICT)
@@ -61,7 +62,7 @@ class TrainParams:
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
     max_steps: PositiveInt = 1000
-    batch_size: PositiveInt = 32
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] = 32
     # random: windows at random offsets. passes (word lists): the next batch_size windows of the
     # training stream in order; the stream is shuffled passes over the words, so a batch of one
     # pass's size holds every training word once and the batch's letter counts are the list's own
@@ -98,7 +99,7 @@ class WordEvalParams:
 
 @dataclass(config=STRICT)
 class EvaluateParams:
-    batch_size: PositiveInt = 256
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] = 256
     words: WordEvalParams | None = None  # word metrics, for a word-list example (which gets them by default)
 
 

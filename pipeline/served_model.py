@@ -12,7 +12,15 @@ completion says which prompt it continues, also when `num_samples` > 1.
 Input: a list of prompts, a str, or a one-column DataFrame. Params (all optional): PARAM_DEFAULTS.
 Sampling is the sample stage's (pipeline.sampling: KV cache, one generator seeded by `seed` for the
 whole request), so the same prompts and params give the same text as `python -m pipeline sample`.
+A prompt is read as the sample stage reads it (pipeline.sampling.read_prompt): the model of a word
+list (its MLmodel's model_config says `word_list: true`) reads a word from the boundary before it,
+and each completion stops at the word's end, so `COR` completes to `E` or `N`.
 A bad prompt or param raises MlflowException(INVALID_PARAMETER_VALUE): HTTP 400 with the message.
+
+An unknown param (`temprature`) never reaches predict when MLflow calls it: MLflow 3.17's pyfunc
+checks params against the signature's params schema, drops any it does not list with only a
+warning in the server's log, and fills in the defaults, so such a request is answered 200 at the
+default values. Only a direct call of `CharGPTModel.predict` is refused with the list of params.
 """
 
 from pathlib import Path
@@ -27,7 +35,7 @@ from pydantic import ValidationError
 from pipeline.checkpoint import load_checkpoint
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
-from pipeline.sampling import check_prompts, make_generator, sample_texts
+from pipeline.sampling import check_prompts, continuations, make_generator, sampling_of
 from pipeline.schema import SampleParams
 
 WEIGHTS = "weights"  # the artifact that holds the checkpoint
@@ -83,12 +91,13 @@ class CharGPTModel(mlflow.pyfunc.PythonModel):
         self.device = pick_device("auto")
         checkpoint = load_checkpoint(Path(context.artifacts[WEIGHTS]), self.device)
         self.model, self.vocab = checkpoint.model, checkpoint.vocab
+        self.word_list = bool((context.model_config or {}).get("word_list", False))  # logged before: text
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """MLflow hands over a DataFrame (the signature has a column of prompts); a direct call may pass a list."""
         prompts = read_prompts(model_input)
         try:
-            check_prompts(self.vocab, prompts)
+            check_prompts(self.vocab, prompts, self.word_list)
         except PipelineError as e:
             raise bad_request(str(e)) from None
         sample = sample_params(prompts, params)
@@ -96,8 +105,17 @@ class CharGPTModel(mlflow.pyfunc.PythonModel):
         rows = []
         with torch.inference_mode():
             for prompt in prompts:
-                texts = sample_texts(self.model, self.vocab, prompt, sample, generator, self.device)
-                rows += [(prompt, i, text[len(prompt) :]) for i, text in enumerate(texts)]
+                texts = continuations(
+                    self.model,
+                    self.vocab,
+                    prompt,
+                    sample.num_samples,
+                    sampling_of(sample),
+                    generator,
+                    self.device,
+                    self.word_list,
+                )
+                rows += [(prompt, i, text) for i, text in enumerate(texts)]
         return pd.DataFrame(rows, columns=["prompt", "sample", "completion"])
 
 

@@ -12,6 +12,8 @@ import sys
 
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+from pipeline.files import SQLITE_WRITE_FAULTS
+from pipeline.stores import problem
 from pipeline.tracking import Tracker
 
 
@@ -33,4 +35,5 @@ def system_metrics(tracker: Tracker, run_id: str, enabled: bool = True, interval
                 monitor.publish_metrics(metrics)
                 monitor.mlflow_logger.flush()
         except Exception as e:  # the run's own outcome matters more than its last system metrics
-            print(f"warning: could not log the last system metrics of run {run_id}: {e}", file=sys.stderr)
+            if not any(fault in str(e) for fault in SQLITE_WRITE_FAULTS):  # a full disk: the run's error says so
+                print(f"warning: could not log the last system metrics of run {run_id}: {problem(e)}", file=sys.stderr)

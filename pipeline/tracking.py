@@ -25,15 +25,27 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import PipelineError
 from pipeline.processes import gone_here, this_host
 from pipeline.records import EvalRecord, StepRecord
-from pipeline.stores import check_sqlite_writable, mlflow_store_problem, problem
+from pipeline.stores import (
+    check_sqlite_opens,
+    check_sqlite_writable,
+    check_store_room,
+    mlflow_store_problem,
+    problem,
+    quiet_store_errors,
+    retries_in_one_line,
+    sqlite_file,
+    store_write_fault,
+)
 
 PID_TAG, HOST_TAG = "process.pid", "process.host"  # the process that last marked the run RUNNING
 BATCH_LIMIT = 1000  # MLflow's most metrics in one log_batch call
 SERVER_TIMEOUT = 5  # seconds to wait for a tracking server to answer before giving up
+SERVER_START_WAIT = SERVER_TIMEOUT  # seconds to ask again a server that refuses connections: it may be starting
 
 
 def project_root() -> Path:
@@ -84,20 +96,34 @@ def check_server(uri: str) -> None:
     """Fail within seconds if an HTTP tracking server does not answer.
 
     MLflow's own client retries for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which is right for
-    a server that drops a request now and then, not for one that is not there at all.
+    a server that drops a request now and then, not for one that is not there at all. A refused
+    connection is asked again for SERVER_START_WAIT seconds, saying so on one line: a server that
+    is starting refuses until it listens. A name that does not resolve or a timeout is not retried.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    deadline, said = time.monotonic() + SERVER_START_WAIT, False
+    while (reason := server_fault(uri)) is not None:
+        if not isinstance(reason, ConnectionRefusedError) or time.monotonic() > deadline:
+            raise PipelineError(
+                f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
+                "to log into the project's sqlite:///mlflow.db"
+            )
+        if not said:
+            print(f"{uri} refuses connections: retrying for up to {SERVER_START_WAIT} s, as for a starting server")
+            said = True
+        time.sleep(0.5)
+
+
+def server_fault(uri: str) -> BaseException | None:
+    """Why the server at `uri` does not answer its health check, or None when it answers at all."""
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT).close()
     except urllib.error.HTTPError:
-        return  # it answered, if only to say no: the server is there
+        return None  # it answered, if only to say no: the server is there
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise PipelineError(
-            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
-            "to log into the project's sqlite:///mlflow.db"
-        ) from None
+        return getattr(e, "reason", e)
+    return None
 
 
 def _lock(name: str) -> filelock.FileLock:
@@ -118,11 +144,46 @@ def process_is_dead(run) -> bool:
     return gone_here(tags.get(HOST_TAG), tags.get(PID_TAG))
 
 
+class StoreClient:
+    """An MlflowClient whose calls turn a write that a full disk or a file-size limit stopped into one
+    PipelineError naming the store; every other call and error is the client's own."""
+
+    def __init__(self, client: MlflowClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except Exception as e:
+                if (line := store_write_fault(self._uri, e)) is None:
+                    raise
+                raise PipelineError(line) from None
+
+        return call
+
+
+def open_client(uri: str, fresh: bool) -> MlflowClient:
+    """The client of `uri`; a `fresh` store file, which could not be filled (a full disk), is removed."""
+    try:
+        with retries_in_one_line(uri):
+            return MlflowClient(tracking_uri=uri)
+    except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
+        if fresh and (path := sqlite_file(uri)):
+            for leftover in (path, path.with_name(path.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+        raise PipelineError(store_write_fault(uri, e) or mlflow_store_problem(uri, e)) from None
+
+
 @dataclasses.dataclass
 class Tracker:
     """An MLflow client bound to one store, and where local artifacts of that store go."""
 
-    client: MlflowClient
+    client: StoreClient  # an MlflowClient, its full-disk errors one line each
     uri: str
     root: Path
 
@@ -132,15 +193,15 @@ class Tracker:
         root = root or project_root()
         uri = tracking_uri(root)
         check_server(uri)
-        if writable:
-            check_sqlite_writable(uri, "the MLflow store")
+        quiet_store_errors()  # a failed write becomes one line (StoreClient), not MLflow's logged traceback
         # A new client creates a new store's tables, unguarded: two processes at once would collide
         with _lock(uri) if uri.startswith("sqlite:") else contextlib.nullcontext():
-            try:
-                client = MlflowClient(tracking_uri=uri)
-            except Exception as e:  # not a database, an unknown scheme, ...: MLflow's types differ by store
-                raise PipelineError(mlflow_store_problem(uri, e)) from None
-        return cls(client, uri, root)
+            check_sqlite_opens(uri, "the MLflow store")
+            if writable:
+                check_sqlite_writable(uri, "the MLflow store")
+                check_store_room(uri, "the MLflow store")
+            client = open_client(uri, fresh=(path := sqlite_file(uri)) is not None and not path.exists())
+        return cls(StoreClient(client, uri), uri, root)
 
     def experiment_id(self, name: str) -> str:
         if experiment := self.client.get_experiment_by_name(name):
@@ -159,7 +220,7 @@ class Tracker:
             owner = {PID_TAG: str(os.getpid()), HOST_TAG: this_host()}  # a new run is RUNNING: say whose
             run = self.client.create_run(self.experiment_id(experiment), tags=tags | owner, run_name=run_name)
         except MlflowException as e:
-            raise PipelineError(f"cannot start an MLflow run in {self.uri}: {e}") from None
+            raise PipelineError(f"cannot start an MLflow run in {self.uri}: {problem(e)}") from None
         params = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -191,7 +252,11 @@ class Tracker:
         try:
             self.client.set_terminated(run_id, status)
         except Exception as e:
-            print(f"warning: could not mark MLflow run {run_id} {status} in {self.uri}: {e}", file=sys.stderr)
+            print(
+                f"warning: could not mark MLflow run {run_id} {status} in {self.uri} ({problem(e)}): "
+                "it stays RUNNING until the example's next train marks it KILLED",
+                file=sys.stderr,
+            )
 
     def end_dead_runs(self, experiment: str) -> list[str]:
         """Mark KILLED the RUNNING runs of `experiment` whose process is proven dead; returns their ids."""
@@ -222,7 +287,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[i : i + BATCH_LIMIT])
 
     def set_tags(self, run_id: str, tags: dict) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        """Values past MLflow's length limit (a prompt of a whole play) are cut here, without its warning."""
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()])
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each of the run's metrics."""

@@ -45,6 +45,15 @@ def test_the_shipped_params_file_is_valid():
         ("toy.inspect.topk=3", "toy.inspect.topk: unknown key (did you mean 'top_k'?)"),
         ("toy.evaluate.words=null", "toy: evaluate.words is required for a word-list example"),
         ("shakespeare.model.dropout=1", "shakespeare.model.dropout: Input should be less than 1"),
+        ("toy.model.n_layer=1000000000000", "toy.model.n_layer: Input should be less than or equal to 10000"),
+        ("toy.model.n_embd=1000000000000", "toy.model.n_embd: Input should be less than or equal to 65536"),
+        ("toy.model.n_head=1000000000000", "toy.model.n_head: Input should be less than or equal to 4096"),
+        ("toy.model.block_size=1000000000000", "toy.model.block_size: Input should be less than or equal to 1048576"),
+        ("toy.train.batch_size=1000000000000", "toy.train.batch_size: Input should be less than or equal to 16777216"),
+        (
+            "toy.evaluate.batch_size=1000000000000",
+            "toy.evaluate.batch_size: Input should be less than or equal to 16777216",
+        ),
     ],
 )
 def test_a_bad_parameter_is_named_with_its_reason(override, message):

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,44 @@ def test_an_unsupported_tracking_uri(tmp_path):
         "use sqlite:///<file>, postgresql://..., mysql://..., http(s)://<server> or file:<folder>"
     )
     assert not (project / "mlflow.db").exists() and nothing_trained(project)
+
+
+@pytest.mark.parametrize(
+    "uri, line",
+    [
+        (
+            "sqlite:////proc/x.db",
+            "the MLflow store /proc/x.db (MLFLOW_TRACKING_URI) cannot be opened: unable to open database file",
+        ),
+        (
+            "sqlite:////dev/null/x/y.db",
+            "the MLflow store /dev/null/x/y.db cannot be created: Not a directory (/dev/null/x)",
+        ),
+    ],
+    ids=["under /proc", "under a file"],
+)
+def test_a_store_that_can_never_open_fails_at_once_without_retries(tmp_path, uri, line):
+    project = prepared_project(tmp_path / "project", None, FAST)
+    started = time.monotonic()
+    result = run_cli(project, "sample", env=cli_env(MLFLOW_TRACKING_URI=uri))
+    assert one_error(result) == f"error: {line}"  # MLflow retried for a minute, a warning at each attempt
+    assert time.monotonic() - started < 30 and "retried" not in result.stdout
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["a store", "no store yet"])
+def test_a_store_past_the_file_size_limit_is_one_line_before_any_run(tmp_path, empty_store, existing):
+    """`ulimit -f 200`: MLflow's logged tracebacks, then a two-line error, or a half-made new store."""
+    from .test_files import limit_file_size
+
+    project = prepared_project(tmp_path / "project", empty_store if existing else None, FAST)
+    store = project / "mlflow.db"
+    before = digest(store) if existing else None
+    result = run_cli(project, "train", *FAST, flags=("--no-progress",), preexec_fn=limit_file_size(200 * 1024))
+    line = one_error(result)
+    assert line.startswith(f"error: cannot write the MLflow store {store}: it needs ")
+    assert line.endswith(", past this process's file-size limit of 200.0 KiB (ulimit -f): raise the limit")
+    assert (digest(store) == before and run_count(store) == 0) if existing else not store.exists()
+    assert nothing_trained(project)
 
 
 def test_a_read_only_mlflow_db_stops_writers_but_not_compare(toy_project):
@@ -170,6 +209,18 @@ def test_an_optuna_db_locked_by_another_process_for_longer_than_the_wait(toy_pro
         f"error: cannot open the Optuna storage {url}: database is locked: another process has held it for over "
         "1 s; wait for it, or stop it"
     )
+    assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_its_mlflow_run(toy_project):
+    """10^7 windows of the toy's 5 positions: some 400 GB of activations. Once, the kernel killed it."""
+    result = run_cli(toy_project, "train", *FAST, "toy.train.batch_size=10000000", "toy.train.sampling=random")
+    line = one_error(result)
+    assert line.startswith("error: training toy needs about ") and " GiB (parameters " in line
+    assert ", activations " in line and line.endswith("free: lower toy.train.batch_size or toy.model.block_size")
     assert run_count(toy_project / "mlflow.db") == 0 and nothing_trained(toy_project)
 
 

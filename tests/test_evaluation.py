@@ -90,3 +90,26 @@ def test_valid_mass_is_the_exact_probability_of_sampling_a_word(toy):
         expected += probability
     assert valid_mass(model, vocab, words, 0.7, cpu) == pytest.approx(expected, rel=1e-5)
     assert 0 < valid_mass(model, vocab, dataset.words, 1.0, cpu) < 1
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("toy.evaluate.batch_size=16777216", "evaluating toy needs about "),
+        ("toy.evaluate.words.samples=1000000000000", "sampling words of toy needs about "),
+    ],
+)
+def test_an_evaluation_that_cannot_fit_is_refused_before_it_writes(trained_project, override, line):
+    from pipeline.config import load_params
+    from pipeline.errors import PipelineError
+    from pipeline.paths import ExamplePaths
+    from pipeline.stages.evaluate import evaluate_example
+
+    root, tracker = trained_project
+    params, paths = load_params(root / "params.yaml", [override])["toy"], ExamplePaths(root, "toy")
+    before = paths.metrics.read_bytes()
+    with pytest.raises(PipelineError) as refused:
+        evaluate_example(params, paths, tracker)
+    key = override.split("=")[0]
+    assert str(refused.value).startswith(line) and str(refused.value).endswith(f"free: lower {key}")
+    assert paths.metrics.read_bytes() == before

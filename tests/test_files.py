@@ -5,6 +5,8 @@ import resource
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,20 @@ import pytest
 from pipeline.checkpoint import load_resume_point
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write, check_writable, read_json, write_folder, write_json, write_text
+from pipeline.files import (
+    atomic_write,
+    check_writable,
+    read_json,
+    write_failure,
+    write_folder,
+    write_json,
+    write_text,
+)
 from pipeline.paths import ExamplePaths
 from pipeline.stages.train import train_example
 from pipeline.tracking import Tracker
 
-from .helpers import RESUMABLE, ROOT, prepared_project, run_cli
+from .helpers import RESUMABLE, ROOT, cli_env, prepared_project, run_cli
 from .test_config import files_under
 
 
@@ -156,3 +166,36 @@ def test_a_disk_too_full_for_a_checkpoint_fails_the_run_cleanly_and_keeps_the_la
     assert not list(paths.model_dir.rglob("*.tmp"))
     statuses = {r.info.run_id: r.info.status for r in runs_in(project)}
     assert statuses[point.run_id] == "FAILED" and sorted(statuses.values()) == ["FAILED", "FINISHED"]
+
+
+COPY_PAST_THE_LIMIT = """
+import resource, shutil, sys
+from pathlib import Path
+from pipeline.runner import run
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+# a write that is not ours (MLflow copying an artifact, say): EFBIG from deep inside another library
+sys.exit(run(lambda params, paths: shutil.copyfile(source, target), "toy", Path(sys.argv[3])))
+"""
+
+
+def test_a_write_past_the_limit_anywhere_is_one_line_naming_the_file(tmp_path):
+    source, target = tmp_path / "big.bin", tmp_path / "copy.bin"
+    source.write_bytes(b"x" * 200_000)
+    command = [sys.executable, "-c", COPY_PAST_THE_LIMIT, str(source), str(target), str(ROOT / "params.yaml")]
+    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr == f"error: cannot write {target}: File too large (the file-size limit, ulimit -f, is 64.0 KiB)\n"
+    )
+
+
+def test_write_failure_knows_a_full_disk_and_nothing_else():
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt.pt")).startswith(
+        "cannot write /x/ckpt.pt: No space left on device"
+    )
+    wrapped = RuntimeError("could not save")
+    wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded", "/x/y")
+    assert write_failure(wrapped).startswith("cannot write /x/y: Disk quota exceeded")
+    assert write_failure(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert write_failure(ValueError("no")) is None

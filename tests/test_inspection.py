@@ -155,3 +155,12 @@ def test_the_explicit_path_matches_the_fused_cuda_kernel():
     logits, weights = forward_with_attention(model, idx)
     torch.testing.assert_close(logits, fused, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(4, 2, 4, 8, device="cuda"))
+
+
+def test_a_prompt_past_the_context_is_refused_on_one_short_line():
+    """A table and attention map per position of 100,000 characters is no picture: refused, named by its start."""
+    with pytest.raises(PipelineError) as refused:
+        check_inspect_prompts(VOCAB, ["CORN" * 25_000], 8, False)
+    assert str(refused.value) == (
+        f"prompts longer than the model's context of 8 characters: {'CORN' * 15!r}... (100,000 characters)"
+    )

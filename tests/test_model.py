@@ -238,3 +238,26 @@ def test_rotary_generation_feeds_one_token_per_step_however_long_the_sample():
 def test_an_unknown_block_option_is_refused_naming_it(field):
     with pytest.raises(ValidationError, match=field):
         config(**{field: "nonsense"})
+
+
+def test_a_long_rotary_prompt_fills_the_cache_with_its_receptive_field_only():
+    """The whole prompt at once would build a prompt x prompt mask; the tokens equal the uncached path's."""
+    torch.manual_seed(6)
+    model = GPT(config(block_size=6, **MODERN)).eval()
+    lengths = []
+    model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
+    prompt = torch.randint(11, (2, 5_000))
+    cached = model.generate(prompt, 8, 1.0, None, torch.Generator().manual_seed(5))
+    assert lengths == [model.receptive_field()] + [1] * 7
+    plain = model.generate(prompt, 8, 1.0, None, torch.Generator().manual_seed(5), use_cache=False)
+    assert torch.equal(cached, plain) and cached.shape == (2, 5_008)
+
+
+def test_next_token_probabilities_are_those_generation_samples_from_past_block_size():
+    """With rotary positions and two layers the next token depends on more than block_size tokens."""
+    torch.manual_seed(7)
+    model = GPT(config(block_size=4, **MODERN)).eval()
+    idx = torch.randint(11, (2, 40))
+    logits, _ = model(idx)  # the whole sequence: each position sees its window, layer by layer
+    expected = torch.softmax(logits[:, -1, :].float(), dim=-1)
+    torch.testing.assert_close(model.next_token_probs(idx), expected, rtol=1e-5, atol=1e-6)

@@ -1,23 +1,32 @@
 import dataclasses
+import json
+import time
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import load_params
 from pipeline.data import Vocabulary
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
+from pipeline.paths import ExamplePaths
 from pipeline.sampling import (
     check_prompts,
     complete_word,
+    format_texts,
     make_generator,
     sample_report,
     sample_texts,
     sample_words,
 )
+from pipeline.stages.sample import sample_example
 
 from .helpers import tiny_params
+
+LONG_PROMPT = ("ROMEO:\nI will not. " * 6_000)[:100_000]  # a rotary model's whole prompt made a 10^10 mask
 
 
 def test_a_prompt_with_unknown_characters_names_them():
@@ -88,3 +97,27 @@ def test_a_word_list_prompt_with_a_space_is_refused():
     with pytest.raises(PipelineError, match="start of one word, without ' ': \\['CO R'\\]"):
         check_prompts(VOCAB, ["COR", "CO R"], word_list=True)
     check_prompts(VOCAB, ["CO R"], word_list=False)
+
+
+def test_the_sample_stage_samples_a_prompt_of_100000_characters_as_the_uncached_path(trained_project):
+    root, tracker = trained_project
+    overrides = [f"shakespeare.sample.prompts={json.dumps([LONG_PROMPT])}", "shakespeare.sample.max_new_tokens=12"]
+    params, paths = load_params(root / "params.yaml", overrides)["shakespeare"], ExamplePaths(root, "shakespeare")
+    started = time.monotonic()
+    report = sample_example(params, paths, tracker)
+    assert time.monotonic() - started < 20 and paths.samples.read_text() == report
+    checkpoint, sample = load_checkpoint(paths.checkpoint), params.sample
+    model, vocab = checkpoint.model, checkpoint.vocab
+    assert model.config.positions == "rotary" and len(LONG_PROMPT) > 100 * model.receptive_field()
+    context = torch.tensor([vocab.encode(LONG_PROMPT)] * sample.num_samples)
+    generator = make_generator(sample.seed, "cpu")
+    plain = model.generate(context, 12, sample.temperature, sample.top_k, generator, use_cache=False)
+    assert report == format_texts(LONG_PROMPT, [vocab.decode(row.tolist()) for row in plain])
+
+
+def test_samples_that_cannot_fit_are_refused_before_any_sampling(trained_project):
+    root, tracker = trained_project
+    params = load_params(root / "params.yaml", ["toy.sample.num_samples=1000000000000"])["toy"]
+    paths = ExamplePaths(root, "toy")
+    with pytest.raises(PipelineError, match=r"^sampling toy needs about .* free: lower toy.sample.num_samples$"):
+        sample_example(params, paths, tracker)

@@ -18,6 +18,7 @@ from pipeline.tracking import (
     SERVER_TIMEOUT,
     Tracker,
     TrainingLogger,
+    check_server,
     flatten,
     project_root,
     tracking_uri,
@@ -175,3 +176,51 @@ def test_four_concurrent_trainings_into_one_new_sqlite_store_lose_nothing(tmp_pa
         assert sorted(train_steps) == list(range(1, 121))
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 24
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "history.csv"}
+
+
+def test_a_server_that_is_starting_is_waited_for_on_one_line(capsys):
+    """A refused connection may be a server that does not listen yet: asked again, said once."""
+    import http.server
+    import threading
+
+    with socket.socket() as probe:  # a free port, nobody listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler, bind_and_activate=False)
+    starting = threading.Timer(1.5, lambda: (server.server_bind(), server.server_activate(), server.serve_forever()))
+    starting.start()
+    try:
+        check_server(f"http://127.0.0.1:{port}")  # a 501 for GET is an answer: the server is there
+    finally:
+        server.shutdown()
+        starting.join()
+        server.server_close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "refuses connections: retrying" in lines[0]
+
+
+STORE_PAST_THE_LIMIT = """
+import os, resource, sys
+from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.tracking import Tracker
+tracker = Tracker.for_project(Path(sys.argv[1]))
+run_id = tracker.start_run("toy", "toy", {}, {})
+limit = os.path.getsize(sys.argv[1] + "/mlflow.db") // 2  # every page past it is out of reach: a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+try:
+    tracker.set_tags(run_id, {f"tag{i}": "x" * 1000 for i in range(200)})
+except PipelineError as e:
+    print(e)
+"""
+
+
+def test_a_store_write_that_the_disk_refuses_is_one_pipeline_error(tmp_path, empty_store):
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    command = [sys.executable, "-c", STORE_PAST_THE_LIMIT, str(tmp_path)]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "SQLAlchemy" not in result.stderr, result.stderr
+    assert result.stdout.startswith(f"the MLflow store {tmp_path / 'mlflow.db'} cannot be written: disk I/O error")
+    assert "(the file-size limit, ulimit -f, is " in result.stdout

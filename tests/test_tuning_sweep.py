@@ -135,3 +135,29 @@ def test_cuda_workers_take_the_gpus_round_robin():
 def test_the_study_names_its_objective_for_the_dashboard(swept):
     _, tune, *_, study = swept
     assert study.metric_names == [tune.objective] and tune.objective in ("val_loss", "invalid_mass")
+
+
+def test_a_trial_whose_model_cannot_fit_fails_alone_before_its_run(project, empty_store, capsys):
+    """A head size of 32768 makes a model of some 10^11 parameters: no machine holds it; the sweep goes on."""
+    import shutil
+
+    from pipeline.data import prepare
+    from pipeline.paths import ExamplePaths
+    from pipeline.tracking import Tracker
+
+    shutil.copy(empty_store, project / "mlflow.db")
+    space = "toy.tune.space={n_head: {choices: [2]}, head_size: {choices: [16, 32768]}}"
+    params, tune = sweep_params(space, "toy.tune.sampler={kind: random}")
+    paths = ExamplePaths(project, "toy")
+    prepare(params.data, paths)
+    tune_example(params, paths, Tracker.for_project(project), progress=False)
+    trials = load_study(params, tune, project).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.params["head_size"] == 32768 for t in failed)
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.params["head_size"] == 16)
+    for trial in failed:
+        assert "mlflow_run_id" not in trial.user_attrs  # refused before its MLflow run started
+        assert f"trial {trial.number} (n_head=2, head_size=32768) needs about " in trial.user_attrs["error"]
+        assert "free: lower the high ends of toy.tune.space" in trial.user_attrs["error"]
+    printed = capsys.readouterr().out
+    assert all(f"trial {t.number}: fail in " in printed for t in failed)

@@ -14,10 +14,11 @@ from pipeline.data import Dataset, check_data_fits, load_dataset
 from pipeline.datasets import log_dataset
 from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import Diverged, Stopped
-from pipeline.files import check_writable, write_json, write_text
+from pipeline.files import check_free, check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
 from pipeline.logged_models import log_model
+from pipeline.memory import check_training_fits, checkpoint_bytes
 from pipeline.model import GPT, build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
@@ -107,10 +108,17 @@ def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab, run_i
     return summary
 
 
-def prepare_model_folders(paths: ExamplePaths) -> None:
-    """Fail now, not after an hour of training, if the outputs cannot be written."""
+# ckpt.pt, latest.pt, best.pt, the run's copy of ckpt.pt, the logged model's weights, their temporary files
+CHECKPOINT_COPIES = 6
+
+
+def prepare_model_folders(paths: ExamplePaths, checkpoint_size: int) -> None:
+    """Fail now, not after an hour of training, if the outputs cannot be written: a folder that takes
+    no files, too little room on the disk for the checkpoints. (A checkpoint past the file-size limit
+    fails at its first save, which keeps the one before: tests/test_files.py.)"""
     for folder in (paths.model_dir, paths.checkpoints):
         check_writable(folder)
+    check_free(paths.model_dir, CHECKPOINT_COPIES * checkpoint_size, f"the checkpoints of {paths.model_dir}")
     for leftover in paths.checkpoints.glob(".*.tmp"):  # a process killed halfway through a write left it
         leftover.unlink()
 
@@ -154,6 +162,14 @@ def checkpointed_training(
         raise Diverged(f"{paths.example}: {e}{kept if checkpoints.step else ''}", e.step) from None
 
 
+def check_model_fits(params: ExampleParams, vocab_size: int, device, example: str) -> None:
+    """Refuse now, before the model is built or an MLflow run starts, what the device cannot hold."""
+    keys = (f"{example}.train.batch_size or {example}.model.block_size", f"{example}.model.n_layer or n_embd")
+    check_training_fits(
+        params.model, vocab_size, params.train.batch_size, params.train.optimizer, device, f"training {example}", keys
+    )
+
+
 @writes_example  # one writer per example: a second one stops at once
 def train_example(
     params: ExampleParams,
@@ -171,7 +187,8 @@ def train_example(
     dataset = load_dataset(paths)
     check_data_fits(dataset, params.model.block_size, paths.example)
     device = pick_device(params.train.device)
-    prepare_model_folders(paths)
+    check_model_fits(params, dataset.vocab.size, device, paths.example)
+    prepare_model_folders(paths, checkpoint_bytes(params.model, dataset.vocab.size, params.train.optimizer))
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     fingerprint = training_fingerprint(params, dataset)
     end_dead_runs(tracker, paths.example)
@@ -207,7 +224,14 @@ def train_example(
             tracker.log_metrics(run_id, summary, result.steps)
             tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
             tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
-            logged = log_model(tracker, run_id, paths.checkpoint, sample=params.sample, prompts=params.sample.prompts)
+            logged = log_model(
+                tracker,
+                run_id,
+                paths.checkpoint,
+                sample=params.sample,
+                prompts=params.sample.prompts,
+                word_list=params.data.kind == "words",
+            )
             save_run_info(paths.run_info, tracker, run_id, logged.model_id)
     checkpoints.mark_finished()  # after FINISHED: a kill in between only makes the next run redo the outputs
     print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {summary['final_val_loss']:.4f}")

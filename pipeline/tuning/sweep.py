@@ -23,6 +23,7 @@ from pipeline.device import pick_device, resolved_precision
 from pipeline.errors import PipelineError
 from pipeline.evaluation import valid_mass
 from pipeline.logged_models import log_model
+from pipeline.memory import check_training_fits
 from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.processes import gone_here, this_host
@@ -78,8 +79,20 @@ def keep_if_best(sweep: Sweep, trial: optuna.Trial, tracker: Tracker, run_id: st
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ckpt.pt"
         save_checkpoint(path, result.model, result.optimizer, vocab, result.steps, result.best_val_loss, run_id)
-        logged = log_model(tracker, run_id, path, sample=sweep.params.sample, prompts=sweep.params.sample.prompts)
+        sample, word_list = sweep.params.sample, sweep.params.data.kind == "words"
+        logged = log_model(tracker, run_id, path, sample=sample, prompts=sample.prompts, word_list=word_list)
     trial.set_user_attr("model_id", logged.model_id)
+
+
+def check_trial_fits(sweep: Sweep, trial: optuna.Trial, params: ExampleParams, dataset: Dataset, device, values):
+    """A suggested model the device cannot hold fails its trial alone, before its MLflow run starts."""
+    example = sweep.paths.example
+    keys = (f"{example}.train.batch_size", f"the high ends of {example}.tune.space")
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    what = f"trial {trial.number} ({', '.join(shown)})"
+    check_training_fits(
+        params.model, dataset.vocab.size, params.train.batch_size, params.train.optimizer, device, what, keys
+    )
 
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Tracker, device) -> float:
@@ -90,6 +103,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
         params = apply_values(sweep.params, sweep.tune, values)
     except pydantic.ValidationError as e:  # a combination of three or more keys check_space did not try
         raise PipelineError(f"{values} is not a valid configuration: {e}") from None
+    check_trial_fits(sweep, trial, params, dataset, device, values)
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
     run_params = flatten({key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")})
     run_id = tracker.start_run(

@@ -1,0 +1,96 @@
+"""The memory estimates (pipeline/memory.py): counted as GPT builds the model, close to a real peak,
+and a refusal with both figures before anything is allocated."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.files import human
+from pipeline.memory import Shapes, check_fits, sampling_estimate, training_estimate
+from pipeline.model import ModelConfig, build_model
+
+from .helpers import cli_env
+
+OPTIONS = list(
+    itertools.product(["learned", "rotary"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [True, False], [True, False])
+)
+
+
+@pytest.mark.parametrize("positions, norm, mlp, tie, bias", OPTIONS)
+def test_the_parameter_count_is_the_built_models(positions, norm, mlp, tie, bias):
+    config = ModelConfig(
+        block_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=48,
+        positions=positions,
+        norm=norm,
+        mlp=mlp,
+        tie_embeddings=tie,
+        bias=bias,
+    )
+    model, shapes = build_model(config, 13, 0), Shapes(config, 13)
+    assert shapes.params() == sum(p.numel() for p in model.parameters())
+    assert config.n_layer * shapes.block_matrices() == sum(p.numel() for p in model.hidden_matrices())
+
+
+def test_muon_keeps_one_buffer_for_block_matrices_and_adamw_two_for_everything():
+    config = ModelConfig(n_layer=3, n_embd=64, n_head=2)
+    adamw, muon = (training_estimate(config, 65, 8, kind).parts["optimizer state"] for kind in ("adamw", "muon"))
+    shapes = Shapes(config, 65)
+    assert adamw == 4 * 2 * shapes.params()
+    assert adamw - muon == 4 * config.n_layer * shapes.block_matrices()
+
+
+PEAK = """
+import json, resource, sys
+import psutil, torch
+from pipeline.model import ModelConfig, build_model
+from pipeline.optim import make_optimizer
+from pipeline.schema import TrainParams
+config, batch = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
+model = build_model(config, 65, 0)
+optimizer = make_optimizer(model, TrainParams(batch_size=batch, precision="float32"), torch.device("cpu"))
+x, y = torch.randint(65, (batch, config.block_size)), torch.randint(65, (batch, config.block_size))
+before = psutil.Process().memory_info().rss
+for _ in range(2):
+    _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_the_training_estimate_is_near_the_real_peak_of_a_training_step():
+    """Gradients, optimizer state and activations against what two real steps add to the process's
+    peak resident memory (ru_maxrss), on a model whose activations are a few hundred MB."""
+    shape = {"n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 128}
+    command = [sys.executable, "-c", PEAK, json.dumps(shape), "64"]
+    added = int(subprocess.run(command, env=cli_env(), capture_output=True, text=True, check=True).stdout)
+    estimate = training_estimate(ModelConfig(**shape), 65, 64, "muon")
+    expected = estimate.total - estimate.parts["parameters"] - estimate.parts["the stage's own"]  # not measured
+    assert expected > 200 * 2**20 and 0.7 < added / expected < 1.4, (human(added), human(expected))
+
+
+def test_what_cannot_fit_is_refused_with_both_figures_and_the_key():
+    huge = training_estimate(ModelConfig(), 65, 10**7, "muon")
+    with pytest.raises(PipelineError) as refused:
+        check_fits(huge, torch.device("cpu"), "training x", "x.train.batch_size")
+    message = str(refused.value)
+    assert message.startswith(f"training x needs about {human(huge.total)} (parameters ")
+    assert "activations " in message and " free: lower x.train.batch_size" in message
+    check_fits(training_estimate(ModelConfig(), 65, 32, "muon"), torch.device("cpu"), "training x", "k")
+
+
+def test_a_long_prompt_samples_from_its_receptive_field_only():
+    """The estimate of a prompt of 10^5 characters is its tokens and one window, not a 10^5-square mask."""
+    config = ModelConfig(block_size=32, n_layer=1, n_embd=32)
+    long, short = (sampling_estimate(config, 65, 2, length, 20) for length in (100_000, 40))
+    assert long.parts["activations"] == short.parts["activations"]
+    assert long.parts["tokens"] == 8 * 2 * 100_020 and long.total - long.parts["the stage's own"] < 10 * 2**20
