@@ -113,7 +113,8 @@ def load_resume_point(path: Path, device: torch.device | str = "cpu") -> ResumeP
 class TrainingCheckpoints:
     """The train stage's `latest.pt` (after every evaluation and on a stop) and `best.pt` (lowest val loss)."""
 
-    def __init__(self, latest: Path, best: Path, model: GPT, vocab: Vocabulary, fingerprint: str, run_id: str):
+    def __init__(self, latest: Path, best: Path, model: GPT, vocab: Vocabulary, fingerprint: str, run_id: str = ""):
+        """`run_id`: the MLflow run the checkpoints name; set it once the run exists."""
         self.latest, self.best, self.model, self.vocab = Path(latest), Path(best), model, vocab
         self.fingerprint, self.run_id = fingerprint, run_id
         self.step: int | None = None  # of the last checkpoint saved

@@ -3,51 +3,45 @@ models/<ex>/ckpt.pt, run.json, history.csv, evals.csv, loss.png and train.json, 
 checkpoints/latest.pt and best.pt to resume from; logs the run (params, per-step metrics,
 evaluations, checkpoint and files) to MLflow."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 
 import pandas as pd
 
+from pipeline import tracked_training as tracked
 from pipeline.checkpoint import ResumePoint, TrainingCheckpoints, load_resume_point, save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
-from pipeline.datasets import log_dataset
-from pipeline.device import pick_device, resolved_precision
+from pipeline.device import pick_device
 from pipeline.errors import Diverged, Stopped
 from pipeline.files import check_free, check_writable, write_json, write_text
 from pipeline.interrupts import stop_on_signals
 from pipeline.locks import writes_example
 from pipeline.logged_models import log_model
 from pipeline.memory import check_training_fits, checkpoint_bytes
-from pipeline.model import GPT, build_model
+from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.plots import save_loss_curve
 from pipeline.run_info import save_run_info
 from pipeline.schema import ExampleParams
-from pipeline.system_metrics import system_metrics
-from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
-from pipeline.training import TrainCallbacks, TrainResult, train
+from pipeline.tracked_training import NewRun
+from pipeline.tracking import Tracker, run_tags
+from pipeline.training import TrainCallbacks, TrainResult
 
 
 def _frame(records) -> pd.DataFrame:
     return pd.DataFrame([dataclasses.asdict(r) for r in records])
 
 
-def start_training_run(params: ExampleParams, paths: ExamplePaths, tracker: Tracker, model: GPT, device) -> str:
+def new_run(params: ExampleParams, paths: ExamplePaths, device) -> NewRun:
     tags = run_tags(paths.example, device)
-    run_name = "-".join(filter(None, [paths.example, tags.get("dvc_experiment")]))
-    trained_with = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
-    run_params = flatten(trained_with) | {"num_params": model.num_params(), "vocab_size": model.config.vocab_size}
-    run_params |= resolved_precision(device, params.train.precision)
-    run_id = tracker.start_run(paths.example, run_name, tags, run_params)
-    log_dataset(tracker, run_id, paths.meta)
-    save_run_info(paths.run_info, tracker, run_id)
-    return run_id
+    return NewRun(paths.example, "-".join(filter(None, [paths.example, tags.get("dvc_experiment")])), tags, paths.meta)
 
 
 def training_fingerprint(params: ExampleParams, dataset: Dataset) -> str:
     """Everything a run's result depends on: a run is resumed only if all of it is unchanged."""
-    trained_with = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
+    trained_with = tracked.trained_with(params)
     trained_with["tokens"] = dataset.meta.get("sha256") or dataset.meta.get("source")
     trained_with["vocab"] = list(dataset.vocab.chars)
     return hashlib.sha256(json.dumps(trained_with, sort_keys=True).encode()).hexdigest()
@@ -74,38 +68,28 @@ def find_resume_point(paths: ExamplePaths, fingerprint: str) -> ResumePoint | No
     return None
 
 
-def resumed_run(point: ResumePoint, params, paths, tracker, model, device) -> tuple[str, int]:
+def resumed_run(point: ResumePoint, params, paths, tracker, device) -> tuple[NewRun | str, int]:
     """The MLflow run to continue and its last logged step; a new run if this store lacks the old one."""
     step, latest = point.state.step, paths.latest_checkpoint
     if tracker.run_status(point.run_id) is not None:
-        save_run_info(paths.run_info, tracker, point.run_id)
         print(f"{paths.example}: resuming at step {step} of {params.train.max_steps} from {latest}")
         return point.run_id, tracker.last_step(point.run_id, "train_loss")
-    run_id = start_training_run(params, paths, tracker, model, device)
     print(
         f"{paths.example}: resuming at step {step} from {latest}; its MLflow run {point.run_id} is not in "
         f"{tracker.uri}, so the whole history goes to a new run"
     )
-    return run_id, 0
+    return new_run(params, paths, device), 0
 
 
-def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab, run_id: str) -> dict:
-    """Checkpoint, per-step history, evaluations, loss curve and a summary; returns the summary."""
+def save_training_outputs(result: TrainResult, paths: ExamplePaths, vocab, run_id: str) -> None:
+    """Checkpoint, per-step history, evaluations, loss curve and a summary."""
     model, steps = result.model, result.steps
     save_checkpoint(paths.checkpoint, model, result.optimizer, vocab, steps, result.best_val_loss, run_id)
     history, evals = _frame(result.history), _frame(result.evals)
     write_text(paths.history, history.to_csv(index=False, float_format="%.6g"))
     write_text(paths.evals, evals.to_csv(index=False, float_format="%.6g"))
     save_loss_curve(paths.loss_plot, history, evals, f"{paths.example}: {result.model.num_params():,} parameters")
-    summary = {
-        "steps": result.steps,
-        "final_val_loss": result.evals[-1].val_loss,
-        "best_val_loss": result.best_val_loss,
-        "train_seconds": result.seconds,
-        "tokens_per_sec": result.tokens_per_sec,
-    }
-    write_json(paths.train_metrics, summary)
-    return summary
+    write_json(paths.train_metrics, tracked.summary(result))
 
 
 # ckpt.pt, latest.pt, best.pt, the run's copy of ckpt.pt, the logged model's weights, their temporary files
@@ -123,33 +107,11 @@ def prepare_model_folders(paths: ExamplePaths, checkpoint_size: int) -> None:
         leftover.unlink()
 
 
-def checkpointed_training(
-    model, dataset, params: ExampleParams, paths, *, device, logger, checkpoints, resume, stop, progress
-) -> TrainResult:
-    """`train()` with MLflow logging and the latest and best checkpoints; a stop or a divergence says where it is."""
-    if resume is not None:  # whatever of the saved history the MLflow run does not have yet
-        checkpoints.step = resume.state.step
-        for record in resume.state.history:
-            logger.on_step(record)
-        for record in resume.state.evals:
-            logger.on_eval(record)
-        logger.flush()
-
-    def on_checkpoint(state, best: bool) -> None:
-        logger.flush()  # first: MLflow may get ahead of the checkpoint, never behind it
-        checkpoints.save(state, best)
-
+@contextlib.contextmanager
+def explained(paths: ExamplePaths, checkpoints: TrainingCheckpoints):
+    """A stop or a divergence, said with the checkpoint it left."""
     try:
-        callbacks = TrainCallbacks(logger.on_step, logger.on_eval, on_checkpoint, stop)
-        return train(
-            model,
-            dataset,
-            params=params.train,
-            device=device,
-            callbacks=callbacks,
-            progress=progress,
-            resume=resume.state if resume else None,
-        )
+        yield
     except Stopped as e:
         raise Stopped(
             f"{paths.example}: {e} at step {checkpoints.step}, saved in {paths.latest_checkpoint}; "
@@ -157,7 +119,6 @@ def checkpointed_training(
             e.signum,
         ) from None
     except Diverged as e:
-        logger.flush()  # the curve up to where it blew up
         kept = f"; the last good checkpoint, step {checkpoints.step}, stays in {paths.latest_checkpoint}"
         raise Diverged(f"{paths.example}: {e}{kept if checkpoints.step else ''}", e.step) from None
 
@@ -193,46 +154,50 @@ def train_example(
     fingerprint = training_fingerprint(params, dataset)
     end_dead_runs(tracker, paths.example)
     resume = None if fresh else find_resume_point(paths, fingerprint)
+    checkpoints = TrainingCheckpoints(paths.latest_checkpoint, paths.best_checkpoint, model, dataset.vocab, fingerprint)
     with stop_on_signals() as stop:
         if resume is None:
-            run_id, logged_through = start_training_run(params, paths, tracker, model, device), 0
+            run, logged_through = new_run(params, paths, device), 0
         else:
             model.load_state_dict(resume.model_state)
-            run_id, logged_through = resumed_run(resume, params, paths, tracker, model, device)
-        print(f"{paths.example}: {model.num_params():,} parameters on {device}; MLflow run {run_id} in {tracker.uri}")
-        checkpoints = TrainingCheckpoints(
-            paths.latest_checkpoint, paths.best_checkpoint, model, dataset.vocab, fingerprint, run_id
-        )
-        with tracker.active(run_id), system_metrics(tracker, run_id, params.train.system_metrics):
-            logger = TrainingLogger(tracker, run_id, logged_through)
-            result = checkpointed_training(
+            run, logged_through = resumed_run(resume, params, paths, tracker, device)
+            checkpoints.step = resume.state.step
+
+        def started(run_id: str) -> None:
+            checkpoints.run_id = run_id
+            save_run_info(paths.run_info, tracker, run_id)
+            print(
+                f"{paths.example}: {model.num_params():,} parameters on {device}; MLflow run {run_id} in {tracker.uri}"
+            )
+
+        def finished(run_id: str, result: TrainResult) -> None:
+            if (reason := stop()) is not None:  # a signal during the last evaluation
+                raise reason
+            save_training_outputs(result, paths, dataset.vocab, run_id)
+            tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
+            tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
+            sample, word_list = params.sample, params.data.kind == "words"
+            logged = log_model(
+                tracker, run_id, paths.checkpoint, sample=sample, prompts=sample.prompts, word_list=word_list
+            )
+            save_run_info(paths.run_info, tracker, run_id, logged.model_id)
+
+        with explained(paths, checkpoints):
+            result = tracked.tracked_training(
+                tracker,
+                run,
                 model,
                 dataset,
                 params,
-                paths,
-                device=device,
-                logger=logger,
-                checkpoints=checkpoints,
-                resume=resume,
-                stop=stop,
+                device,
+                callbacks=TrainCallbacks(on_checkpoint=checkpoints.save, stop=stop),
+                on_start=started,
+                on_finish=finished,
+                resume=resume.state if resume else None,
+                logged_through=logged_through,
+                record_system=params.train.system_metrics,
                 progress=progress,
             )
-            if (reason := stop()) is not None:  # a signal during the last evaluation
-                raise reason
-            logger.flush()
-            summary = save_training_outputs(result, paths, dataset.vocab, run_id)
-            tracker.log_metrics(run_id, summary, result.steps)
-            tracker.log_artifacts(run_id, [paths.history, paths.evals, paths.loss_plot, paths.train_metrics])
-            tracker.log_artifacts(run_id, [paths.checkpoint], "checkpoint")
-            logged = log_model(
-                tracker,
-                run_id,
-                paths.checkpoint,
-                sample=params.sample,
-                prompts=params.sample.prompts,
-                word_list=params.data.kind == "words",
-            )
-            save_run_info(paths.run_info, tracker, run_id, logged.model_id)
     checkpoints.mark_finished()  # after FINISHED: a kill in between only makes the next run redo the outputs
-    print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {summary['final_val_loss']:.4f}")
+    print(f"{paths.example}: {result.steps} steps in {result.seconds:.1f} s, val loss {result.evals[-1].val_loss:.4f}")
     return result

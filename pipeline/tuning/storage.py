@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from pipeline.errors import PipelineError
 from pipeline.schema import ExampleParams
 from pipeline.stores import check_sqlite_writable, problem
+from pipeline.tracked_training import trained_with
 from pipeline.tuning.space import TuneParams
 
 # settings that do not change what a trial computes, so changing them continues the same study
@@ -72,7 +73,7 @@ def open_storage(url: str, heartbeat_seconds: int, on_stale_trial=None) -> optun
 
 def settings_fingerprint(params: ExampleParams, tune: TuneParams) -> str:
     """A hash of everything that decides what a trial computes."""
-    settings = {key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")}
+    settings = trained_with(params)
     settings["tune"] = {k: v for k, v in dataclasses.asdict(tune).items() if k not in VOLATILE_KEYS}
     for key in ("max_steps", "eval_interval"):  # the sweep's budget replaces these
         del settings["train"][key]

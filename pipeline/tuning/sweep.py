@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import Dataset, check_data_fits, load_dataset
-from pipeline.device import pick_device, resolved_precision
+from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import valid_mass
 from pipeline.logged_models import log_model
@@ -28,8 +28,9 @@ from pipeline.model import build_model
 from pipeline.paths import ExamplePaths
 from pipeline.processes import gone_here, this_host
 from pipeline.schema import ExampleParams
-from pipeline.tracking import Tracker, TrainingLogger, flatten, run_tags
-from pipeline.training import TrainCallbacks, train
+from pipeline.tracked_training import NewRun, tracked_training
+from pipeline.tracking import Tracker, flatten, run_tags
+from pipeline.training import TrainCallbacks
 from pipeline.tuning.space import TuneParams, apply_values, baseline_values, check_space, suggest
 from pipeline.tuning.storage import (
     check_study_settings,
@@ -105,42 +106,43 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
         raise PipelineError(f"{values} is not a valid configuration: {e}") from None
     check_trial_fits(sweep, trial, params, dataset, device, values)
     model = build_model(params.model, dataset.vocab.size, params.train.seed)
-    run_params = flatten({key: dataclasses.asdict(getattr(params, key)) for key in ("data", "model", "train")})
-    run_id = tracker.start_run(
-        sweep.paths.example + "-tune",
-        f"trial-{trial.number}",
-        trial_tags(sweep, trial, device),
-        run_params
-        | {"num_params": model.num_params(), "vocab_size": dataset.vocab.size}
-        | resolved_precision(device, params.train.precision),
-    )
-    trial.set_user_attr("mlflow_run_id", run_id)
-    logger = TrainingLogger(tracker, run_id)
     measure = objective_measure(sweep, model, dataset, device)
     scores = []  # the objective at each evaluation
 
     def report(record):
-        logger.on_eval(record)
         scores.append(measure(record))
         trial.report(scores[-1], record.step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"{objective_label(sweep)} {scores[-1]:.4f} at step {record.step}")
 
-    with tracker.active(run_id, clean_exits=(optuna.TrialPruned,)):
-        try:
-            callbacks = TrainCallbacks(on_step=logger.on_step, on_eval=report)
-            result = train(model, dataset, params=params.train, device=device, callbacks=callbacks, progress=False)
-        except BaseException as e:
-            state = "PRUNED" if isinstance(e, optuna.TrialPruned) else "FAIL"
-            logger.flush()
-            tracker.set_tags(run_id, {"optuna.trial_state": state, "error": str(e)[:500]})
-            raise
-        logger.flush()
-        finals = {"final_val_loss": result.evals[-1].val_loss, f"final_{sweep.tune.objective}": scores[-1]}
-        tracker.log_metrics(run_id, finals | {"train_seconds": result.seconds}, result.steps)
+    def finished(run_id: str, result) -> None:
+        tracker.log_metrics(run_id, {f"final_{sweep.tune.objective}": scores[-1]}, result.steps)
         tracker.set_tags(run_id, {"optuna.trial_state": "COMPLETE"})
-        trial.set_user_attr("val_loss", finals["final_val_loss"])  # what the registry compares models by
+        trial.set_user_attr("val_loss", result.evals[-1].val_loss)  # what the registry compares models by
         keep_if_best(sweep, trial, tracker, run_id, result, scores[-1], dataset.vocab)
+
+    run = NewRun(
+        sweep.paths.example + "-tune", f"trial-{trial.number}", trial_tags(sweep, trial, device), sweep.paths.meta
+    )
+    try:
+        tracked_training(
+            tracker,
+            run,
+            model,
+            dataset,
+            params,
+            device,
+            callbacks=TrainCallbacks(on_eval=report),
+            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+            on_finish=finished,
+            clean_exits=(optuna.TrialPruned,),
+            progress=False,
+        )
+    except BaseException as e:
+        if run_id := trial.user_attrs.get("mlflow_run_id"):
+            state = "PRUNED" if isinstance(e, optuna.TrialPruned) else "FAIL"
+            tracker.set_tags(run_id, {"optuna.trial_state": state, "error": str(e)[:500]})
+        raise
     return scores[-1]
 
 
