@@ -1,7 +1,7 @@
 """Sampling speed with and without the key/value cache, and a check that both give the same text.
 
 Generates `--tokens` new tokens for `--batch` sequences from a one-token prompt, the way the sample
-stage does, with `GPT.generate(use_cache=True)` and with `use_cache=False` (the whole context
+stage does, with `pipeline.sampling.generate(use_cache=True)` and with `use_cache=False` (the whole context
 recomputed for every token). Up to `block_size` tokens the cache feeds one token per step; past it
 the context window slides and both paths recompute it (absolute position embeddings).
 
@@ -26,6 +26,7 @@ from benchmarks.common import (
 from pipeline.checkpoint import load_checkpoint
 from pipeline.device import pick_device
 from pipeline.model import build_model
+from pipeline.sampling import generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def timed_generate(model, prompt, new_tokens: int, use_cache: bool, device) -> t
     generator = torch.Generator(device=device).manual_seed(1337)
     synchronize(device)
     start = time.perf_counter()
-    out = model.generate(prompt, new_tokens, 0.8, 40, generator, use_cache=use_cache)
+    out = generate(model, prompt, new_tokens, 0.8, 40, generator, use_cache=use_cache)
     synchronize(device)
     return out, time.perf_counter() - start
 

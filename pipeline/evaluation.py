@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from pipeline.data import BOUNDARY, Dataset, Vocabulary
 from pipeline.device import autocast
 from pipeline.model import GPT
-from pipeline.sampling import make_generator, sample_words
+from pipeline.sampling import make_generator, next_token_probs, sample_words
 from pipeline.schema import EvaluateParams, WordEvalParams
 
 
@@ -84,7 +84,7 @@ def last_letter_accuracy(model: GPT, vocab: Vocabulary, words: list[str], device
     correct = 0
     for same_length in words_by_length(words):
         contexts = torch.tensor([vocab.encode(BOUNDARY + w[:-1]) for w in same_length], device=device)
-        predicted = model.next_token_probs(contexts).argmax(dim=-1).tolist()
+        predicted = next_token_probs(model, contexts).argmax(dim=-1).tolist()
         correct += sum(vocab.chars[p] == w[-1] for p, w in zip(predicted, same_length))
     return correct / len(words)
 

@@ -138,7 +138,7 @@ def inference_estimate(config: ModelConfig, vocab_size: int, batch: int, tokens:
 
 
 def sampling_estimate(config: ModelConfig, vocab_size: int, batch: int, prompt: int, new_tokens: int) -> Estimate:
-    """`GPT.generate` of `batch` rows: the prompt's last receptive field at once (rotary), or at most
+    """`pipeline.sampling.generate` of `batch` rows: the prompt's last receptive field at once (rotary), or at most
     block_size positions (learned), then one token at a time."""
     n_layer, block = config.n_layer, config.block_size
     window = min(prompt, n_layer * (block - 1) + 1 if config.positions == "rotary" else block)

@@ -4,18 +4,21 @@ Token embeddings, `n_layer` pre-norm transformer blocks with causal multi-head s
 an MLP, a final norm and a language-model head. The classic nanoGPT block (learned positions,
 LayerNorm, GELU, tied head) and the faster modern one (rotary positions, RMSNorm, QK-norm, ReLU²
 or SwiGLU, untied head, zero-initialised projections, soft-capped logits) are the same code, chosen
-by `ModelConfig`.
+by `ModelConfig`. Generation (the key/value cache, sampling a token at a time) is in sampling.py.
 """
 
 import dataclasses
 import math
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn as nn
 from pydantic import ConfigDict, Field, PositiveInt
 from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from pipeline.sampling import KVCache  # generation lives there; the model only reads the cache
 
 STRICT = ConfigDict(extra="forbid")
 # Bounds of the shape keys, far past any model that fits on one machine, so that a typo such as
@@ -70,29 +73,6 @@ CLASSIC_BLOCK = dict(
 @dataclass(config=STRICT)
 class GPTConfig(ModelConfig):
     vocab_size: PositiveInt = dataclasses.field(kw_only=True)
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, for sampling.
-
-    With learned positions it holds at most `block_size` positions; past that, `GPT.generate`
-    recomputes the cropped window as the uncached path does. With rotary positions attention is a
-    window sliding over the whole sample: the cache keeps the last `block_size - 1` positions, all
-    the next token may see besides itself, and stays valid as the sample grows.
-    """
-
-    def __init__(self, n_layer: int, keep: int):
-        self.keep = keep
-        self.keys: list[torch.Tensor | None] = [None] * n_layer
-        self.values: list[torch.Tensor | None] = [None] * n_layer
-        self.length = 0  # positions seen so far
-
-    def append(self, layer: int, k, v):
-        """Add `k`, `v` (B, n_head, T, head_size) after the positions held; return all of them."""
-        if self.keys[layer] is not None:
-            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k[:, :, -self.keep :], v[:, :, -self.keep :]
-        return k, v
 
 
 def rms_norm(x):
@@ -158,7 +138,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rope), rotate(k, rope)
         return q, k, v
 
-    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope=None, mask=None, cache: "KVCache | None" = None, layer: int = 0):
         """`mask`: which keys each query sees, when not simply causal (a window sliding past block_size)."""
         B, T, C = x.size()
         q, k, v = self.heads(x, rope)
@@ -207,7 +187,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope=None, mask=None, cache: "KVCache | None" = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -274,7 +254,7 @@ class GPT(nn.Module):
         # a single query (after a cache) sees every key the cache returns: no mask then
         return rope, sliding_mask(positions, positions, window) if T > 1 else None
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, start: int = 0):
+    def forward(self, idx, targets=None, cache: "KVCache | None" = None, start: int = 0):
         """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions.
 
         `start`: the position of idx's first token (rotary positions only), as when a long sample
@@ -314,78 +294,6 @@ class GPT(nn.Module):
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The blocks' 2-D weights: what Muon orthogonalises; embeddings, head and gains are not."""
         return [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
-
-    def recompute(self, idx):
-        """Logits of `idx` without a cache: its last block_size tokens with learned positions; with
-        rotary ones, the tokens the last position depends on, at their own positions."""
-        if not self.rotary:
-            return self(idx[:, -self.config.block_size :])
-        field = min(idx.size(1), self.receptive_field())
-        return self(idx[:, -field:], start=idx.size(1) - field)
-
-    def fill_cache(self, idx) -> tuple[KVCache, torch.Tensor]:
-        """A cache of the prompt `idx` and its logits. With rotary positions only its last
-        receptive field, at its own positions: the rest changes no later token, and a whole long
-        prompt at once would make a prompt x prompt attention mask."""
-        keep = self.config.block_size - 1 if self.rotary else self.config.block_size
-        cache = KVCache(self.config.n_layer, keep)
-        if self.rotary:
-            field = min(idx.size(1), self.receptive_field())
-            cache.length, idx = idx.size(1) - field, idx[:, -field:]
-        logits, _ = self(idx, cache=cache)
-        return cache, logits
-
-    @torch.no_grad()
-    def next_token_probs(self, idx, temperature: float = 1.0, top_k: int | None = None):
-        """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size), from the
-        tokens the next one depends on, as generation reads them."""
-        logits, _ = self.recompute(idx)
-        return probabilities(logits[:, -1, :], temperature, top_k)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k=None,
-        generator=None,
-        use_cache: bool = True,
-        progress: bool = False,
-    ):
-        """Extend each sequence in `idx` (B, T) by sampling `max_new_tokens` tokens.
-
-        `temperature` 0 means greedy decoding. The key/value cache gives the same tokens as
-        `use_cache=False` (which recomputes the whole context for every token), only faster.
-        `progress`: a progress bar over the tokens, on a terminal only.
-        """
-        from tqdm.auto import tqdm
-
-        cache = None
-        steps = tqdm(range(max_new_tokens), "sampling", unit="token", leave=False, disable=None if progress else True)
-        for _ in steps:
-            if not use_cache or (not self.rotary and idx.size(1) > self.config.block_size):
-                logits, _ = self.recompute(idx)
-            elif cache is None:
-                cache, logits = self.fill_cache(idx)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            if temperature == 0:
-                next_idx = logits[:, -1, :].argmax(dim=-1, keepdim=True)
-            else:
-                probs = probabilities(logits[:, -1, :], temperature, top_k)
-                next_idx = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_idx), dim=1)
-        return idx
-
-
-def probabilities(logits, temperature: float = 1.0, top_k: int | None = None):
-    """Softmax of `logits` (B, vocab_size) at `temperature`, keeping only the `top_k` likeliest."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return F.softmax(logits, dim=-1)
 
 
 def build_model(config: ModelConfig, vocab_size: int, seed: int) -> GPT:

@@ -3,6 +3,8 @@
 import dataclasses
 
 import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from pipeline.data import BOUNDARY, Vocabulary
 from pipeline.errors import PipelineError
@@ -10,6 +12,103 @@ from pipeline.model import GPT
 from pipeline.schema import SampleParams
 
 PROGRESS_TOKENS = 2_000  # a generation this long takes seconds or more: show a progress bar (on a terminal)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, for sampling.
+
+    With learned positions it holds at most `block_size` positions; past that, `generate`
+    recomputes the cropped window as the uncached path does. With rotary positions attention is a
+    window sliding over the whole sample: the cache keeps the last `block_size - 1` positions, all
+    the next token may see besides itself, and stays valid as the sample grows.
+    """
+
+    def __init__(self, n_layer: int, keep: int):
+        self.keep = keep
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # positions seen so far
+
+    def append(self, layer: int, k, v):
+        """Add `k`, `v` (B, n_head, T, head_size) after the positions held; return all of them."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k[:, :, -self.keep :], v[:, :, -self.keep :]
+        return k, v
+
+
+def recompute(model: GPT, idx):
+    """Logits of `idx` without a cache: its last block_size tokens with learned positions; with
+    rotary ones, the tokens the last position depends on, at their own positions."""
+    if not model.rotary:
+        return model(idx[:, -model.config.block_size :])
+    field = min(idx.size(1), model.receptive_field())
+    return model(idx[:, -field:], start=idx.size(1) - field)
+
+
+def fill_cache(model: GPT, idx) -> tuple[KVCache, torch.Tensor]:
+    """A cache of the prompt `idx` and its logits. With rotary positions only its last
+    receptive field, at its own positions: the rest changes no later token, and a whole long
+    prompt at once would make a prompt x prompt attention mask."""
+    keep = model.config.block_size - 1 if model.rotary else model.config.block_size
+    cache = KVCache(model.config.n_layer, keep)
+    if model.rotary:
+        field = min(idx.size(1), model.receptive_field())
+        cache.length, idx = idx.size(1) - field, idx[:, -field:]
+    logits, _ = model(idx, cache=cache)
+    return cache, logits
+
+
+@torch.no_grad()
+def next_token_probs(model: GPT, idx, temperature: float = 1.0, top_k: int | None = None):
+    """Probabilities of the token after each sequence in `idx` (B, T) -> (B, vocab_size), from the
+    tokens the next one depends on, as generation reads them."""
+    logits, _ = recompute(model, idx)
+    return probabilities(logits[:, -1, :], temperature, top_k)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k=None,
+    generator=None,
+    use_cache: bool = True,
+    progress: bool = False,
+):
+    """Extend each sequence in `idx` (B, T) by sampling `max_new_tokens` tokens.
+
+    `temperature` 0 means greedy decoding. The key/value cache gives the same tokens as
+    `use_cache=False` (which recomputes the whole context for every token), only faster.
+    `progress`: a progress bar over the tokens, on a terminal only.
+    """
+    cache = None
+    steps = tqdm(range(max_new_tokens), "sampling", unit="token", leave=False, disable=None if progress else True)
+    for _ in steps:
+        if not use_cache or (not model.rotary and idx.size(1) > model.config.block_size):
+            logits, _ = recompute(model, idx)
+        elif cache is None:
+            cache, logits = fill_cache(model, idx)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        if temperature == 0:
+            next_idx = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        else:
+            probs = probabilities(logits[:, -1, :], temperature, top_k)
+            next_idx = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat((idx, next_idx), dim=1)
+    return idx
+
+
+def probabilities(logits, temperature: float = 1.0, top_k: int | None = None):
+    """Softmax of `logits` (B, vocab_size) at `temperature`, keeping only the `top_k` likeliest."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return F.softmax(logits, dim=-1)
 
 
 def shown_prompt(prompt: str, longest: int = 60) -> str:
@@ -56,7 +155,8 @@ def continuations(
     """`count` completions of `prompt`; `sampling` = (max_new_tokens, temperature, top_k)."""
     context = read_prompt(prompt, word_list)
     max_new_tokens, temperature, top_k = sampling
-    out = model.generate(
+    out = generate(
+        model,
         _context(vocab, context, count, device),
         max_new_tokens,
         temperature,
@@ -94,7 +194,7 @@ def sample_words(
 
 def next_char_table(model: GPT, vocab: Vocabulary, context: str, k: int, device) -> list[tuple[str, float]]:
     """The `k` likeliest next characters after `context`, with their probabilities."""
-    probs = model.next_token_probs(_context(vocab, context, 1, device))[0]
+    probs = next_token_probs(model, _context(vocab, context, 1, device))[0]
     top = torch.topk(probs, min(k, vocab.size))
     return [(vocab.chars[i], p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
 

@@ -237,8 +237,9 @@ def test_max_new_tokens_has_an_upper_bound(project):
 GENERATE = """
 import torch
 from pipeline.model import GPT, GPTConfig
+from pipeline.sampling import generate
 model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False, vocab_size=5))
-out = model.generate(torch.zeros((1, 1), dtype=torch.long), 300, progress=True)
+out = generate(model, torch.zeros((1, 1), dtype=torch.long), 300, progress=True)
 print(out.shape[1])
 """
 

@@ -16,6 +16,7 @@ from pipeline.evaluation import (
     word_windows,
 )
 from pipeline.model import build_model
+from pipeline.sampling import next_token_probs
 
 
 def targets_of(windows):
@@ -84,7 +85,7 @@ def test_valid_mass_is_the_exact_probability_of_sampling_a_word(toy):
         context = BOUNDARY
         probability = 1.0
         for char in word + BOUNDARY:
-            probs = model.next_token_probs(torch.tensor([vocab.encode(context)]), temperature=0.7)[0]
+            probs = next_token_probs(model, torch.tensor([vocab.encode(context)]), temperature=0.7)[0]
             probability *= probs[vocab.encode(char)[0]].item()
             context += char
         expected += probability

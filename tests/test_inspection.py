@@ -18,6 +18,7 @@ from pipeline.inspection import (
 from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
 from pipeline.paths import ExamplePaths
 from pipeline.run_info import load_run_id
+from pipeline.sampling import next_token_probs
 from pipeline.stages.inspect import file_stem, inspect_example
 
 from .test_plots import png_size
@@ -74,7 +75,7 @@ def test_probability_rows_sum_to_one_and_end_with_the_next_token_distribution():
     assert inspection.context == " CORN"
     assert inspection.probs.shape == (5, VOCAB.size) and inspection.attention.shape == (2, 4, 5, 5)
     torch.testing.assert_close(inspection.probs.sum(dim=-1), torch.ones(5))
-    last = model.next_token_probs(torch.tensor([VOCAB.encode(" CORN")]))[0]
+    last = next_token_probs(model, torch.tensor([VOCAB.encode(" CORN")]))[0]
     torch.testing.assert_close(inspection.probs[-1], last, atol=1e-6, rtol=1e-5)
     assert inspection.prefixes() == [" ", " C", " CO", " COR", " CORN"]
 

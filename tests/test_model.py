@@ -2,7 +2,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig, KVCache
+from pipeline.model import CLASSIC_BLOCK, GPT, GPTConfig
+from pipeline.sampling import KVCache, generate, next_token_probs
 
 
 def config(**overrides) -> GPTConfig:
@@ -65,7 +66,7 @@ def test_longer_input_than_block_size_is_refused():
 
 def test_generate_extends_each_sequence_and_crops_context_to_block_size():
     model = GPT(config(block_size=4))
-    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=6, top_k=3)
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=6, top_k=3)
     assert out.shape == (2, 9)
     assert torch.equal(out[:, :3], torch.zeros(2, 3, dtype=torch.long))
 
@@ -74,12 +75,12 @@ def test_top_k_one_and_temperature_zero_are_both_greedy():
     torch.manual_seed(1)
     model = GPT(config()).eval()
     start = torch.randint(11, (2, 3))
-    assert torch.equal(model.generate(start, 5, temperature=0), model.generate(start, 5, temperature=1.3, top_k=1))
+    assert torch.equal(generate(model, start, 5, temperature=0), generate(model, start, 5, temperature=1.3, top_k=1))
 
 
 def test_top_k_keeps_only_the_k_likeliest_tokens():
     model = GPT(config()).eval()
-    probs = model.next_token_probs(torch.randint(11, (4, 5)), top_k=3)
+    probs = next_token_probs(model, torch.randint(11, (4, 5)), top_k=3)
     assert ((probs > 0).sum(dim=-1) == 3).all()
     torch.testing.assert_close(probs.sum(dim=-1), torch.ones(4))
 
@@ -114,7 +115,7 @@ def test_generation_feeds_one_new_token_per_step_while_the_cache_has_room():
     model = GPT(config(block_size=8)).eval()
     lengths = []
     model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
-    model.generate(torch.zeros(2, 3, dtype=torch.long), 7)
+    generate(model, torch.zeros(2, 3, dtype=torch.long), 7)
     assert lengths == [3, 1, 1, 1, 1, 1, 8]  # the prompt, one token at a time, then the cropped window
 
 
@@ -209,7 +210,7 @@ def test_generation_with_the_cache_gives_the_same_tokens_as_without_far_past_blo
     model = GPT(config(**block)).eval()
     start = torch.randint(11, (4, 3))
     outs = [
-        model.generate(start, new_tokens, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
+        generate(model, start, new_tokens, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
         for use_cache in (True, False)
     ]
     assert outs[0].shape == (4, 3 + new_tokens) and torch.equal(outs[0], outs[1])
@@ -230,7 +231,7 @@ def test_rotary_generation_feeds_one_token_per_step_however_long_the_sample():
     model = GPT(config(block_size=4, positions="rotary")).eval()
     lengths = []
     model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
-    model.generate(torch.zeros(2, 3, dtype=torch.long), 7)
+    generate(model, torch.zeros(2, 3, dtype=torch.long), 7)
     assert lengths == [3, 1, 1, 1, 1, 1, 1]
 
 
@@ -247,9 +248,9 @@ def test_a_long_rotary_prompt_fills_the_cache_with_its_receptive_field_only():
     lengths = []
     model.transformer.wte.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
     prompt = torch.randint(11, (2, 5_000))
-    cached = model.generate(prompt, 8, 1.0, None, torch.Generator().manual_seed(5))
+    cached = generate(model, prompt, 8, 1.0, None, torch.Generator().manual_seed(5))
     assert lengths == [model.receptive_field()] + [1] * 7
-    plain = model.generate(prompt, 8, 1.0, None, torch.Generator().manual_seed(5), use_cache=False)
+    plain = generate(model, prompt, 8, 1.0, None, torch.Generator().manual_seed(5), use_cache=False)
     assert torch.equal(cached, plain) and cached.shape == (2, 5_008)
 
 
@@ -260,4 +261,4 @@ def test_next_token_probabilities_are_those_generation_samples_from_past_block_s
     idx = torch.randint(11, (2, 40))
     logits, _ = model(idx)  # the whole sequence: each position sees its window, layer by layer
     expected = torch.softmax(logits[:, -1, :].float(), dim=-1)
-    torch.testing.assert_close(model.next_token_probs(idx), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(next_token_probs(model, idx), expected, rtol=1e-5, atol=1e-6)

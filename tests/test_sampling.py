@@ -17,6 +17,7 @@ from pipeline.sampling import (
     check_prompts,
     complete_word,
     format_texts,
+    generate,
     make_generator,
     sample_report,
     sample_texts,
@@ -111,7 +112,7 @@ def test_the_sample_stage_samples_a_prompt_of_100000_characters_as_the_uncached_
     assert model.config.positions == "rotary" and len(LONG_PROMPT) > 100 * model.receptive_field()
     context = torch.tensor([vocab.encode(LONG_PROMPT)] * sample.num_samples)
     generator = make_generator(sample.seed, "cpu")
-    plain = model.generate(context, 12, sample.temperature, sample.top_k, generator, use_cache=False)
+    plain = generate(model, context, 12, sample.temperature, sample.top_k, generator, use_cache=False)
     assert report == format_texts(LONG_PROMPT, [vocab.decode(row.tolist()) for row in plain])
 
 

@@ -25,7 +25,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_params
 from pipeline.data import prepare
 from pipeline.paths import ExamplePaths
-from pipeline.sampling import complete_word, make_generator, sample_texts
+from pipeline.sampling import complete_word, generate, make_generator, sample_texts
 from pipeline.schema import SampleParams
 from pipeline.stages.train import train_example
 from tests.helpers import ROOT, copy_inputs
@@ -136,7 +136,7 @@ def test_a_prompt_of_100000_characters_is_completed_as_the_uncached_path(logged,
     assert time.monotonic() - started < 10  # the whole prompt at once: a 10^10 mask, and a traceback
     checkpoint = load_checkpoint(shakespeare(trained_project[0])[0])
     context = torch.tensor([checkpoint.vocab.encode(LONG_PROMPT)])
-    plain = checkpoint.model.generate(context, 12, temperature=0.0, use_cache=False)
+    plain = generate(checkpoint.model, context, 12, temperature=0.0, use_cache=False)
     assert list(served["completion"]) == [checkpoint.vocab.decode(plain[0, len(LONG_PROMPT) :].tolist())]
 
 
