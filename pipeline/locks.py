@@ -31,6 +31,7 @@ from pipeline.processes import command_line, gone_here, this_host
 
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"
+FOLDER_RETRIES = 40  # a folder removed by a writer leaving as this one arrives: make it again this often
 RECORD_WAIT = 2.0  # a holder that has just taken the lock writes its record within this many seconds
 
 
@@ -145,20 +146,19 @@ def in_use_message(model_dir: Path, owner: Owner | None) -> str:
 
 def _acquire(model_dir: Path, wait: float) -> filelock.FileLock:
     """The example's lock, held; InUse naming the holder if it stays taken for `wait` seconds."""
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"cannot write to {model_dir}: {e.strerror or e} (needed for its lock)") from None
     lock = filelock.FileLock(lock_path(model_dir), thread_local=False)
-    try:
-        lock.acquire(timeout=wait)
-    except filelock.Timeout:
-        raise InUse(in_use_message(model_dir, _holder(model_dir))) from None
-    except FileNotFoundError:  # a writer that had made the folder removed it, empty, on leaving
-        return _acquire(model_dir, wait)
-    except OSError as e:
-        raise PipelineError(f"cannot write to {model_dir}: {e.strerror or e} (needed for its lock)") from None
-    return lock
+    for _ in range(FOLDER_RETRIES):
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=wait)
+            return lock
+        except filelock.Timeout:
+            raise InUse(in_use_message(model_dir, _holder(model_dir))) from None
+        except FileNotFoundError:  # a writer that had made the folder removed it, empty, on leaving
+            continue
+        except OSError as e:
+            raise PipelineError(f"cannot write to {model_dir}: {e.strerror or e} (needed for its lock)") from None
+    raise PipelineError(f"cannot lock {shown_path(model_dir)}: its folder keeps disappearing")
 
 
 def _holder(model_dir: Path) -> Owner | None:

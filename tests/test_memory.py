@@ -72,7 +72,11 @@ def test_the_training_estimate_is_near_the_real_peak_of_a_training_step():
     peak resident memory (ru_maxrss), on a model whose activations are a few hundred MB."""
     shape = {"n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 128}
     command = [sys.executable, "-c", PEAK, json.dumps(shape), "64"]
-    added = int(subprocess.run(command, env=cli_env(), capture_output=True, text=True, check=True).stdout)
+    # the least of three fresh processes: a transient allocation (seen once in a full CI run: +275 MiB)
+    # only ever adds to a process's peak
+    added = min(
+        int(subprocess.run(command, env=cli_env(), capture_output=True, text=True, check=True).stdout) for _ in range(3)
+    )
     estimate = training_estimate(ModelConfig(**shape), 65, 64, "muon")
     expected = estimate.total - estimate.parts["parameters"] - estimate.parts["the stage's own"]  # not measured
     assert expected > 200 * 2**20 and 0.7 < added / expected < 1.4, (human(added), human(expected))
