@@ -73,9 +73,10 @@ def lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-def wide(matrix: torch.Tensor) -> torch.Tensor:
-    """`matrix`, transposed if it has more rows than columns: the orientation its stack holds."""
-    return matrix.mT if matrix.size(0) > matrix.size(1) else matrix
+def oriented(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`matrix`, transposed if `like` has more rows than columns: a stack holds every matrix wide,
+    and the same transposition brings its update back to the parameter's shape."""
+    return matrix.mT if like.size(0) > like.size(1) else matrix
 
 
 def muon_stack_step(params, grads, buffers, lr, momentum, group: dict, dtype: torch.dtype) -> None:
@@ -86,12 +87,12 @@ def muon_stack_step(params, grads, buffers, lr, momentum, group: dict, dtype: to
     for buffer, grad in zip(buffers, grads):
         buffer.lerp_(grad, 1 - momentum)
     updates = [grad.lerp(buffer, momentum) if group["nesterov"] else buffer for grad, buffer in zip(grads, buffers)]
-    stack = torch.stack([wide(u) for u in updates]).to(dtype)
+    stack = torch.stack([oriented(u, u) for u in updates]).to(dtype)
     orthogonal = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
     for param, update in zip(params, orthogonal):
         param.mul_(1 - lr * group["weight_decay"])
-        update = update.mT if param.size(0) > param.size(1) else update  # back to the param's orientation
-        param.sub_(update.to(param.dtype) * (lr * lr_ratio(param.shape, group["adjust_lr_fn"])))
+        step_size = lr * lr_ratio(param.shape, group["adjust_lr_fn"])
+        param.sub_(oriented(update, param).to(param.dtype) * step_size)
 
 
 class Muon(torch.optim.Optimizer):
