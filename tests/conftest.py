@@ -94,3 +94,17 @@ def store(trained_project, empty_store, tmp_path_factory):
 def global_store(store, monkeypatch):
     """`models:/` URIs resolve through MLflow's global tracking URI: point it at the module's store."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].uri)
+
+
+# The modules that take longest, measured in CI (pytest's --durations): `make test` runs two workers
+# (pytest-xdist, one module per worker at a time), and starting these first keeps either from
+# finishing long after the other.
+SLOWEST_FIRST = ["test_pipeline", "test_crashes", "test_tuning_storage", "test_writers", "test_interrupts"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.stem
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order

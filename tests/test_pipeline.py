@@ -124,25 +124,18 @@ def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
     assert "models/shakespeare/metrics.json" in run(path, "dvc", "metrics", "diff")
 
 
-def test_a_temporary_exp_run_logs_into_the_workspace_store(repo):
+def test_a_queued_exp_run_logs_into_the_workspace_store(repo):
+    """A queued experiment runs in a temporary copy under .dvc/tmp, as `--temp` does, by DVC's queue
+    worker; its runs still go to the workspace's stores, tagged with the experiment's name."""
     path, _ = repo
     before = len(runs_table(Tracker.for_project(path), experiment="toy"))
-    output = run(path, "dvc", "exp", "run", "--temp", "-S", "toy.train.max_steps=30", "-n", "temp-exp")
-    assert "train@toy" in ran_stages(output)
-    table = runs_table(Tracker.for_project(path), experiment="toy")
-    assert len(table) == before + 1
-    new = Tracker.for_project(path).client.get_run(table.run_id[table.steps == "30"].item())
-    assert new.data.tags["dvc_experiment"] == "temp-exp" and "eval.val.loss" in new.data.metrics
-    assert not list((path / ".dvc" / "tmp").rglob("mlflow.db"))
-    assert "tune@toy" in ran_stages(output) and not list((path / ".dvc" / "tmp").rglob("optuna.db"))
-
-
-def test_a_queued_exp_run_logs_into_the_workspace_store(repo):
-    path, _ = repo
     run(path, "dvc", "exp", "run", "--queue", "-S", "toy.train.max_steps=25", "-n", "queued-exp")
     run(path, "dvc", "exp", "run", "--run-all")
     table = runs_table(Tracker.for_project(path), experiment="toy")
-    assert list(table.run[table.steps == "25"]) == ["toy-queued-exp"]
+    assert len(table) == before + 1 and list(table.run[table.steps == "25"]) == ["toy-queued-exp"]
+    new = Tracker.for_project(path).client.get_run(table.run_id[table.steps == "25"].item())
+    assert new.data.tags["dvc_experiment"] == "queued-exp" and "eval.val.loss" in new.data.metrics
+    assert not list((path / ".dvc" / "tmp").rglob("mlflow.db")) and not list((path / ".dvc" / "tmp").rglob("optuna.db"))
 
 
 def test_plots_render(repo):
