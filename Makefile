@@ -20,7 +20,7 @@ repro: setup
 	$(RUN) dvc repro
 
 test: setup
-	$(RUN) python -m pytest -n 2 --dist loadfile
+	$(RUN) python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,7 +1,9 @@
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import load_params
 from pipeline.data import load_dataset, prepare
@@ -96,15 +98,34 @@ def global_store(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].uri)
 
 
-# The modules that take longest, measured in CI (pytest's --durations): `make test` runs two workers
-# (pytest-xdist, one module per worker at a time), and starting these first keeps either from
-# finishing long after the other.
-SLOWEST_FIRST = ["test_pipeline", "test_crashes", "test_tuning_storage", "test_writers", "test_interrupts"]
+# `make test` runs two workers (pytest-xdist, one module per worker at a time: `--dist loadfile
+# --no-loadscope-reorder`). The modules that take longest in CI (pytest's --durations) go first,
+# each to its own worker; every worker also queues one more module while it runs one, so a quick
+# one comes third, to be what the first worker holds back.
+LONGEST_FIRST = [
+    "test_pipeline",
+    "test_crashes",
+    "test_config",
+    "test_tuning_storage",
+    "test_writers",
+    "test_interrupts",
+    "test_tracking",
+    "test_errors",
+]
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers on two cores: a second OpenMP thread in each spins waiting for a core the other
+        # worker holds, and runs several times slower than one (docs/performance.md, `threads`).
+        # The subprocesses the tests start inherit the variable.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = item.path.stem
-        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order
