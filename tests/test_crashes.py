@@ -20,7 +20,7 @@ from .helpers import commit, new_repo, repo_env, run_ok
 
 pytestmark = pytest.mark.slow
 
-KILLS = 8
+KILLS = 6
 STAGES = ["prepare@toy", "train@toy", "evaluate@toy", "sample@toy", "inspect@toy", "tune@toy"]
 RWLOCK = ".dvc/tmp/rwlock"
 RUN_ARTIFACTS = {"checkpoint", "history.csv", "evals.csv", "loss.png", "train.json", "metrics.json", "samples.txt"}
