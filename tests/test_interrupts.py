@@ -108,11 +108,12 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_uninterrupted_run(referen
 def test_a_signal_saves_a_checkpoint_marks_the_run_killed_and_the_rerun_resumes(reference, fresh, signum):
     code, seconds, stderr = start_and_signal(fresh, signum, after_eval=40, delay=0.05)
     name = signal.Signals(signum).name
-    assert code == 128 + signum and seconds < 10, (code, seconds, stderr)
+    # 2.2 s on an idle machine; 11.4 s once in CI beside the other test worker
+    assert code == 128 + signum and seconds < 30, (code, seconds, stderr)
     assert f"stopped by {name} at step" in stderr and "run the same command again to resume" in stderr
     assert "Traceback" not in stderr
     point = load_resume_point(fresh.latest_checkpoint)
-    assert f"at step {point.state.step}," in stderr and point.state.step >= 40
+    assert f"at step {point.state.step}," in stderr and 40 <= point.state.step < 120  # stopped, not finished
     assert Tracker.for_project(fresh.root).client.get_run(point.run_id).info.status == "KILLED"
 
     resumed = run_cli(fresh.root, "train", *RESUMABLE)
