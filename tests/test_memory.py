@@ -66,9 +66,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.sizes:
-                storage = tensor.untyped_storage()
+        for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+            if storage.data_ptr() not in self.sizes:
                 self.sizes[storage.data_ptr()] = storage.nbytes()
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
