@@ -9,11 +9,12 @@ RUN := PATH="$(BIN):$$PATH"
 
 setup: $(VENV)/.installed
 
+# torch through pip, which takes the CPU wheel (an unpinned index would pull GBs of CUDA packages);
+# the rest through uv, which installs the same pins about ten times faster than pip.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-compile torch==2.13.0 uv==0.13.9
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements-dev.txt
 	touch $@
 
 repro: setup
