@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile torch==2.13.0 uv==0.13.9
-	$(BIN)/python -m compileall -q -j 0 -x /testing/_internal/ "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/torch"
+	$(BIN)/python -m compileall -q -j 0 -x /testing/_internal/ $(VENV)/lib/python3*/site-packages/torch
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements-dev.txt
 	touch $@
 

@@ -61,7 +61,7 @@ class TrainParams:
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
-    max_steps: PositiveInt = 1000  # on 2 cores without bf16 (AVX2) about 2 minutes; the main job stays under 6
+    max_steps: PositiveInt = 1000  # on 2 cores without bf16 (AVX2) about 2 minutes, the main job's longest stage
     batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] = 32
     # random: windows at random offsets. passes (word lists): the next batch_size windows of the
     # training stream in order; the stream is shuffled passes over the words, so a batch of one
