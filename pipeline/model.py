@@ -33,9 +33,9 @@ MAX_BLOCK_SIZE = 2**20  # positions of a training window
 class ModelConfig:
     """The architecture, as `params.yaml` gives it; the vocabulary comes from the data.
 
-    The defaults are nanoGPT's CPU recipe's width and context in 2 blocks (not its 4), with the block
-    that trained fastest there: on a CPU without bf16 the 2 blocks reach a lower loss in the same
-    seconds (docs/performance.md); overrides/nanogpt.txt sets nanoGPT's own.
+    The defaults are nanoGPT's CPU recipe's width and context in 2 blocks (not its 4: on a CPU
+    without bf16 they reach a lower loss in the same seconds) with the block that trained fastest
+    on the CPU (docs/performance.md); overrides/nanogpt.txt sets nanoGPT's own.
     """
 
     block_size: Annotated[int, Field(gt=0, le=MAX_BLOCK_SIZE)] = 64
