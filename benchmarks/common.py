@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "overrides" / "nanogpt.txt"  # nanoGPT's recipe: the baseline both training benchmarks run
 
 
-def benchmark_parser(module_name: str, doc: str, epilog: str) -> argparse.ArgumentParser:
-    """The parser of `python -m benchmarks.<name>`: its docstring's first paragraph, an example, the
-    common arguments."""
-    name = module_name.rsplit(".", 1)[-1]
+def benchmark_parser(module_file: str, doc: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of `python -m benchmarks.<name>`, named by its file (run with -m, its `__name__` is
+    `__main__`): its docstring's first paragraph, an example, the common arguments."""
+    name = Path(module_file).stem
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0], epilog=f"Example: {epilog}"
     )

@@ -24,7 +24,7 @@ COLUMNS = {"side": "{}", "dtype": "{}", "ms_per_step": "{:.2f}", "vs_torch": "{:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = benchmark_parser(__name__, __doc__, "python -m benchmarks.optimizer_step --steps 20")
+    parser = benchmark_parser(__file__, __doc__, "python -m benchmarks.optimizer_step --steps 20")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=65, help="the model's vocabulary (default: 65)")
     return parser

@@ -28,7 +28,7 @@ VIEWS |= {"select", "split", "chunk", "unsqueeze", "squeeze", "alias", "detach",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = benchmark_parser(__name__, __doc__, "python -m benchmarks.profile_step --steps 10 --top 15")
+    parser = benchmark_parser(__file__, __doc__, "python -m benchmarks.profile_step --steps 10 --top 15")
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (default: %(default)s)")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps before them (default: %(default)s)")
     parser.add_argument("--top", type=int, default=12, help="operations to list (default: %(default)s)")

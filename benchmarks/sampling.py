@@ -31,7 +31,7 @@ from pipeline.sampling import generate
 
 def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(
-        __name__, __doc__, "python -m benchmarks.sampling --checkpoint models/shakespeare/ckpt.pt"
+        __file__, __doc__, "python -m benchmarks.sampling --checkpoint models/shakespeare/ckpt.pt"
     )
     parser.add_argument("--checkpoint", type=Path, help="a trained model (default: a fresh one of the example's shape)")
     parser.add_argument("--tokens", help="comma-separated numbers of new tokens (default: block_size and 300)")

@@ -39,7 +39,7 @@ from pipeline.training import TrainCallbacks, train
 
 def build_parser() -> argparse.ArgumentParser:
     example = "python -m benchmarks.time_to_quality   (Shakespeare: reference, then defaults; ~6 minutes)"
-    parser = benchmark_parser(__name__, __doc__, example)
+    parser = benchmark_parser(__file__, __doc__, example)
     add_reference_argument(parser)
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
     parser.add_argument("--budgets", default="30,60,120", help="seconds of training (default: %(default)s)")

@@ -62,7 +62,7 @@ COLUMNS = {
 
 def build_parser() -> argparse.ArgumentParser:
     example = "python -m benchmarks.train_step --batch-sizes 12,64 --steps 200   (nanoGPT's batch of 12, and 64)"
-    parser = benchmark_parser(__name__, __doc__, example)
+    parser = benchmark_parser(__file__, __doc__, example)
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),

@@ -42,6 +42,7 @@ def run_benchmark(name: str, *args: str, tmp_path) -> dict:
 def test_every_benchmark_has_help(name):
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, capture_output=True)
     assert result.returncode == 0 and b"--json" in result.stdout
+    assert f"usage: python -m benchmarks.{name} ".encode() in result.stdout
 
 
 def test_train_step_compares_variants_with_every_figure_against_the_reference(tmp_path):
@@ -78,7 +79,9 @@ def test_train_step_compares_variants_with_every_figure_against_the_reference(tm
         assert row["ms_per_step"] > 0 and row["tokens_per_sec"] > 0 and row["peak_mem_mib"] > 0
         assert row["gflops"] > 0 and row["threads"] == 1
         assert row["val_loss"] > 0 and row["train_loss"] > 0
-    assert rows[0]["vs_reference"] == 1.0 and rows[1]["vs_reference"] > 1  # twice the batch, the same model
+    # a ratio of the same run's throughputs (which of two is faster on a busy 2-core machine is not tested)
+    speeds = [r["tokens_per_sec"] for r in rows]
+    assert [r["vs_reference"] for r in rows] == pytest.approx([speed / speeds[0] for speed in speeds])
     assert [(r["precision"], r["compile"]) for r in rows[:3]] == [
         ("bfloat16", False),
         ("float32", False),
