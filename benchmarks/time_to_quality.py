@@ -33,7 +33,7 @@ from pipeline.evaluation import eval_windows, split_loss, word_metrics
 from pipeline.model import build_model
 from pipeline.overrides import read_overrides_file
 from pipeline.records import StepRecord
-from pipeline.schema import ExampleParams
+from pipeline.schema import EvaluateParams, ExampleParams
 from pipeline.training import TrainCallbacks, train
 
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 WORD_METRICS = ("valid_share", "valid_mass")
+EVAL_BATCH = EvaluateParams().batch_size  # the evaluate stage's windows per forward pass
 
 
 def floats(text: str) -> list[float]:
@@ -69,7 +70,7 @@ def train_timeline(label: str, params: ExampleParams, dataset, interval: int) ->
 
     def on_eval(record) -> None:
         point = {"step": record.step, "seconds": clock["seconds"]}
-        point["val_loss"] = split_loss(model, windows, 256, device, "float32")  # one yardstick for both sides
+        point["val_loss"] = split_loss(model, windows, EVAL_BATCH, device, "float32")  # one yardstick for both sides
         if params.evaluate.words is not None:  # a word list: how many sampled words are real ones
             metrics = word_metrics(model, dataset, params.evaluate.words, device)
             point |= {key: metrics[key] for key in WORD_METRICS}

@@ -39,8 +39,10 @@ def glyphs(text: str) -> str:
 
 
 def png_bytes(fig) -> bytes:
+    """The figure as PNG; cropped to its contents unless its layout already fits them (a second
+    drawing of every text otherwise, the slowest part of a picture with many labels)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
+    fig.savefig(buffer, format="png", bbox_inches=None if fig.get_layout_engine() else "tight")
     plt.close(fig)
     return buffer.getvalue()
 
@@ -73,10 +75,11 @@ def attention_maps_png(weights, chars: str, title: str) -> bytes:
     size = (side * n_head + 1, side * n_layer + 0.8)
     fig, axes = plt.subplots(n_layer, n_head, figsize=size, dpi=100, squeeze=False, layout="constrained")
     labels = [glyphs(c) for c in chars]
-    for (layer, head), ax in np.ndenumerate(axes):
+    for (layer, head), ax in np.ndenumerate(axes):  # characters along the outer edges only, as on a shared axis
         image = ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_xticks(range(T), labels, fontsize=7)
-        ax.set_yticks(range(T), labels, fontsize=7)
+        bottom, left = layer == n_layer - 1, head == 0
+        ax.set_xticks(range(T) if bottom else [], labels if bottom else [], fontsize=7)
+        ax.set_yticks(range(T) if left else [], labels if left else [], fontsize=7)
         ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
     fig.supxlabel("attended-to character (key)")
     fig.supylabel("attending character (query)")

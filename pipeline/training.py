@@ -87,18 +87,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-EVAL_TOKENS = 32_768  # tokens per forward pass when evaluating: large batches, no gradients
+def eval_tokens(device: torch.device) -> int:
+    """Tokens per forward pass when evaluating, without gradients. A GPU wants large batches; on 2
+    CPU cores 4,096 tokens ran 1.7x faster than 16,384, whose activations spill out of the caches."""
+    return 4_096 if device.type == "cpu" else 32_768
 
 
-def fixed_batches(dataset: Dataset, split: str, params: TrainParams, block_size: int, seed: int) -> list:
+def fixed_batches(dataset: Dataset, split: str, params: TrainParams, block_size: int, seed: int, device) -> list:
     """The same evaluation windows at every evaluation, so the curve is not sampling noise.
 
-    `eval_batches` training-sized batches, regrouped into a few large ones.
+    `eval_batches` training-sized batches, regrouped into batches of `eval_tokens(device)`.
     """
     generator = torch.Generator().manual_seed(seed)
     tokens, starts = getattr(dataset, split), dataset.window_starts(split, block_size)
     x, y = random_batch(tokens, params.batch_size * params.eval_batches, block_size, generator, starts)
-    rows = max(1, EVAL_TOKENS // block_size)
+    rows = max(1, eval_tokens(device) // block_size)
     return list(zip(x.split(rows), y.split(rows)))
 
 
@@ -170,7 +173,8 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
     forward = torch.compile(model) if uses_compile(device, params.compile) else model
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator().manual_seed(params.seed)
-    eval_sets = [fixed_batches(dataset, split, params, block_size, params.seed + 1) for split in ("train", "val")]
+    eval_seed = params.seed + 1
+    eval_sets = [fixed_batches(dataset, split, params, block_size, eval_seed, device) for split in ("train", "val")]
     next_batch = batch_source(dataset, params, block_size, generator)
     history, evals, start = [], [], 0
     if resume is not None:

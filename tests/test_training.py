@@ -13,8 +13,8 @@ from pipeline.model import build_model
 from pipeline.sampling import generate
 from pipeline.stages import train as train_stage
 from pipeline.training import (
-    EVAL_TOKENS,
     TrainCallbacks,
+    eval_tokens,
     fixed_batches,
     rng_state,
     seed_everything,
@@ -86,12 +86,14 @@ def test_auto_settings_use_bf16_on_cuda_and_bf16_cpus_and_compile_on_cuda_only()
     assert not uses_compile(cuda, False)
 
 
-def test_evaluation_batches_are_large_and_cover_every_training_sized_batch(toy):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # only the device's type is read: no GPU needed
+def test_evaluation_batches_cover_every_training_sized_batch_in_the_devices_size(toy, device):
     params, _, dataset = toy
     p = tiny_params("toy", "toy.train.batch_size=300", "toy.train.eval_batches=20").train
-    batches = fixed_batches(dataset, "val", p, 8, seed=1)
+    batches = fixed_batches(dataset, "val", p, 8, 1, torch.device(device))
     assert sum(len(x) for x, _ in batches) == 300 * 20
-    assert len(batches) == 2 and batches[0][0].numel() == EVAL_TOKENS
+    assert {x.numel() for x, _ in batches[:-1]} == {eval_tokens(torch.device(device))}
+    assert eval_tokens(torch.device("cpu")) < eval_tokens(torch.device("cuda"))
     x, y = batches[0]
     assert torch.equal(x[:, 1:], y[:, :-1])
 
