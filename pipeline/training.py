@@ -89,7 +89,8 @@ def set_rng_state(state: dict) -> None:
 
 def eval_tokens(device: torch.device) -> int:
     """Tokens per forward pass when evaluating, without gradients. A GPU wants large batches; on 2
-    CPU cores 4,096 tokens ran 1.7x faster than 16,384, whose activations spill out of the caches."""
+    cores without bf16 (AVX2) 4,096 tokens ran 1.7x faster than 16,384, whose activations spill out
+    of the caches (docs/performance.md; not measured on a bf16 CPU)."""
     return 4_096 if device.type == "cpu" else 32_768
 
 
