@@ -82,7 +82,8 @@ def oriented(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def muon_stack_step(params, grads, buffers, lr, momentum, group: dict, dtype: torch.dtype) -> None:
     """One Muon step of matrices that share a shape up to transposition.
 
-    `lr` and `momentum` are 0-d tensors: a compiled step then takes each new value without recompiling.
+    `lr` and `momentum` are floats in eager mode, or 0-d tensors for a compiled step, which then
+    takes each new value without recompiling.
     """
     for buffer, grad in zip(buffers, grads):
         buffer.lerp_(grad, 1 - momentum)
@@ -90,7 +91,8 @@ def muon_stack_step(params, grads, buffers, lr, momentum, group: dict, dtype: to
     stack = torch.stack([oriented(u, u) for u in updates]).to(dtype)
     orthogonal = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
     for param, update in zip(params, orthogonal):
-        param.mul_(1 - lr * group["weight_decay"])
+        if group["weight_decay"]:
+            param.mul_(1 - lr * group["weight_decay"])
         step_size = lr * lr_ratio(param.shape, group["adjust_lr_fn"])
         param.sub_(oriented(update, param).to(param.dtype) * step_size)
 
@@ -132,6 +134,7 @@ class Muon(torch.optim.Optimizer):
         if any(p.dim() != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon takes 2-D matrices only")
         self.dtype = dtype
+        self.compiled = compile
         self.stack_step = torch.compile(muon_stack_step, dynamic=False) if compile else muon_stack_step
         self.scalars: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -156,7 +159,9 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     stacks[(tuple(sorted(p.shape)), p.device)].append(p)
             for (_, device), params in stacks.items():
-                lr, momentum = self.scalar_tensors(device, group["lr"], group["momentum"])
+                lr, momentum = group["lr"], group["momentum"]
+                if self.compiled:  # each new rate a tensor's value, not a constant to recompile for
+                    lr, momentum = self.scalar_tensors(device, lr, momentum)
                 buffers = [self.momentum_buffer(p) for p in params]
                 self.stack_step(params, [p.grad for p in params], buffers, lr, momentum, group, self.dtype)
         return loss

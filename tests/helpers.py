@@ -181,8 +181,8 @@ def repo_env() -> dict:
     return variables | identity | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
 
 
-def run_ok(path: Path, *command: str) -> str:
-    result = subprocess.run(command, cwd=path, env=repo_env(), capture_output=True, text=True)
+def run_ok(path: Path, *command: str, env: dict | None = None) -> str:
+    result = subprocess.run(command, cwd=path, env=env or repo_env(), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 

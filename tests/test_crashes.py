@@ -20,7 +20,7 @@ from .helpers import commit, new_repo, repo_env, run_ok
 
 pytestmark = pytest.mark.slow
 
-KILLS = 6
+KILLS = 4  # each kill costs a repro of its stage and those after it: about 40 s in CI
 STAGES = ["prepare@toy", "train@toy", "evaluate@toy", "sample@toy", "inspect@toy", "tune@toy"]
 RWLOCK = ".dvc/tmp/rwlock"
 RUN_ARTIFACTS = {"checkpoint", "history.csv", "evals.csv", "loss.png", "train.json", "metrics.json", "samples.txt"}
@@ -126,7 +126,7 @@ def test_a_repro_killed_at_random_moments_always_recovers(project):
         torn += finish_repro(path)
         check_consistent(path)
     print(f"{len(killed_in)} kills, in: {sorted(killed_in)}; {finished} ended first; DVC's files torn {torn}x")
-    assert len(killed_in) == KILLS and len(set(killed_in)) >= 4, killed_in  # kills in most stages
+    assert len(killed_in) == KILLS and len(set(killed_in)) >= 3, killed_in  # kills in several stages
 
 
 @pytest.mark.parametrize("torn_file", ["dvc.lock", RWLOCK])

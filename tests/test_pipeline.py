@@ -38,7 +38,10 @@ REPORTS = ["next-chars.txt", "loss.png", "1-CORN-next-chars.png", "1-CORN-attent
 def repo(tmp_path_factory):
     """A fresh git + DVC repository holding the project, with tiny parameters, after one `dvc repro`."""
     path = new_repo(tmp_path_factory.mktemp("project"))
-    result = run(path, "dvc", "repro")
+    imports = path.parent / "imports"  # what each stage process imported (tests/imports/sitecustomize.py)
+    imports.mkdir()
+    recording = {"PYTHONPATH": str(ROOT / "tests" / "imports"), "RECORD_IMPORTS_TO": str(imports)}
+    result = run(path, "dvc", "repro", env=env() | recording)
     commit(path, "first repro")
     shutil.copytree(path, path.parent / "pristine", symlinks=True)  # as it is now, before the tests change it
     return path, result
@@ -113,10 +116,8 @@ def test_exp_run_reruns_only_the_stages_that_read_the_changed_key(repo):
     path, _ = repo
     output = run(path, "dvc", "exp", "run", "-S", "shakespeare.train.max_steps=12")
     assert ran_stages(output) == {f"{stage}@shakespeare" for stage in ("train", "evaluate", "sample", "inspect")}
-    output = run(path, "dvc", "exp", "run", "-S", "toy.sample.temperature=0.5")
-    assert ran_stages(output) == {"sample@toy"}
-    output = run(path, "dvc", "exp", "run", "-S", "toy.inspect.top_k=2")
-    assert ran_stages(output) == {"inspect@toy"}
+    output = run(path, "dvc", "exp", "run", "-S", "toy.sample.temperature=0.5", "-S", "toy.inspect.top_k=2")
+    assert ran_stages(output) == {"sample@toy", "inspect@toy"}
     table = runs_table(Tracker.for_project(path), experiment="shakespeare")
     assert len(table) == 2 and "12" in set(table.steps)
     params_diff = run(path, "dvc", "params", "diff")
@@ -206,19 +207,11 @@ def test_toy_defaults_learn_the_words_and_complete_cor(project):
     assert dict(completion.next_chars)["N"] > 0.3
 
 
-IMPORTS = """
-import json, runpy, sys
-sys.argv = ["stage", "--example", "toy"]
-try:
-    runpy.run_module("stages.{stage}", run_name="__main__")
-except SystemExit as e:
-    assert not e.code, e.code
-print("IMPORTED", json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None))))
-"""
-
-
-def project_modules(path: Path, output: str, label: str) -> set[str]:
-    files = yaml.safe_load(output.split(f"{label} ", 1)[1].splitlines()[0])
+def stage_imports(path: Path, stage: str) -> set[str]:
+    """The project's files that the toy's `stage` process of the fixture's `dvc repro` had imported
+    when it exited (tests/imports/sitecustomize.py recorded them)."""
+    records = [json.loads(f.read_text()) for f in (path.parent / "imports").glob("*.json")]
+    [files] = [r["files"] for r in records if r["argv"][0].endswith(f"stages/{stage}.py") and "toy" in r["argv"]]
     return {str(Path(f).relative_to(path)) for f in files if f.startswith(str(path)) and "/.venv/" not in f}
 
 
@@ -230,13 +223,12 @@ def holds_code(path: Path) -> bool:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_lists_exactly_the_modules_it_imports_and_runs(repo, stage):
-    """Runs the stage to its end: a module it imports (so any code it runs) but does not list would
-    leave results stale; one it lists but does not import would re-run it for nothing."""
+    """The stage as `dvc repro` ran it, to its end: a module it imports (so any code it runs) but does
+    not list would leave results stale; one it lists but does not import would re-run it for nothing."""
     path, _ = repo
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]["deps"]
     listed = {d for d in deps if d.endswith(".py")}
-    output = run(path, sys.executable, "-c", IMPORTS.format(stage=stage))
-    imported = project_modules(path, output, "IMPORTED") | {f"stages/{stage}.py"}  # it ran as __main__
+    imported = stage_imports(path, stage)
     assert f"stages/{stage}.py" in listed and f"pipeline/stages/{stage}.py" in imported
     imported_code = {f for f in imported if holds_code(path / f)}
     assert imported_code == listed, f"imported, not listed: {imported_code - listed}; listed: {listed - imported_code}"
