@@ -296,6 +296,10 @@ class GPT(nn.Module):
         """The blocks' 2-D weights: what Muon orthogonalises; embeddings, head and gains are not."""
         return [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
+    def stacked_matrices(self) -> dict[nn.Parameter, int]:
+        """Hidden matrices that stack several, by how many: each block's q, k and v projections."""
+        return {block.attn.c_attn.weight: 3 for block in self.transformer.h}
+
 
 def build_model(config: ModelConfig, vocab_size: int, seed: int) -> GPT:
     """A freshly initialised model that depends on `seed` alone, not on the global RNG."""

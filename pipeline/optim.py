@@ -9,6 +9,8 @@ docs/performance.md: torch's runs its Newton–Schulz iterations in bf16 always,
 bf16 instructions emulates about 50x slower than float32, and one matrix at a time, dozens of small
 kernels a step on a GPU. Here the iterations run in the dtype the device multiplies natively, on
 every matrix of one shape at once, in one batched product; on CUDA that update is compiled.
+Attention's q, k and v projections, one weight, are orthogonalised as three matrices, as in
+modded-nanogpt: 0.020 lower validation loss after Shakespeare's 1000 steps (docs/performance.md).
 """
 
 import math
@@ -103,6 +105,8 @@ class Muon(torch.optim.Optimizer):
     The update of `torch.optim.Muon`, with its hyperparameters and its state (a `momentum_buffer`
     per matrix), so each reads the other's state dict. `dtype`: the Newton–Schulz iterations'.
     `compile`: compile the step of each stack (on CUDA, where its many small kernels cost most).
+    `row_blocks`: matrices that stack several along their rows, by how many (attention's q, k and
+    v projections: 3); each block is orthogonalised, and its step sized, as a matrix of its own.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Muon(torch.optim.Optimizer):
         *,
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
+        row_blocks: dict[torch.Tensor, int] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -134,6 +139,7 @@ class Muon(torch.optim.Optimizer):
         if any(p.dim() != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon takes 2-D matrices only")
         self.dtype = dtype
+        self.row_blocks = row_blocks or {}
         self.compiled = compile
         self.stack_step = torch.compile(muon_stack_step, dynamic=False) if compile else muon_stack_step
         self.scalars: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -154,17 +160,24 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            stacks = defaultdict(list)
+            stacks = defaultdict(list)  # (matrix, its gradient, its momentum), by shape up to transposition
             for p in group["params"]:
                 if p.grad is not None:
-                    stacks[(tuple(sorted(p.shape)), p.device)].append(p)
-            for (_, device), params in stacks.items():
+                    for matrix in self.matrices(p):
+                        stacks[(tuple(sorted(matrix[0].shape)), p.device)].append(matrix)
+            for (_, device), matrices in stacks.items():
                 lr, momentum = group["lr"], group["momentum"]
                 if self.compiled:  # each new rate a tensor's value, not a constant to recompile for
                     lr, momentum = self.scalar_tensors(device, lr, momentum)
-                buffers = [self.momentum_buffer(p) for p in params]
-                self.stack_step(params, [p.grad for p in params], buffers, lr, momentum, group, self.dtype)
+                params, grads, buffers = (list(views) for views in zip(*matrices))
+                self.stack_step(params, grads, buffers, lr, momentum, group, self.dtype)
         return loss
+
+    def matrices(self, param: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(weights, gradient, momentum) of each matrix `param` holds: views, updated in place."""
+        blocks = self.row_blocks.get(param, 1)
+        tensors = (param, param.grad, self.momentum_buffer(param))
+        return list(zip(*(t.view(blocks, -1, t.size(1)).unbind(0) for t in tensors)))
 
     def momentum_buffer(self, param: torch.Tensor) -> torch.Tensor:
         state = self.state[param]
@@ -196,6 +209,7 @@ def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> tor
         adjust_lr_fn="match_rms_adamw",  # Muon's update at AdamW's size per element
         dtype=newton_schulz_dtype(device, params.precision),
         compile=device.type == "cuda" and uses_compile(device, params.compile),
+        row_blocks=model.stacked_matrices(),
     )
     return Optimizers(adamw=adamw(rest, params, device), muon=muon)
 

@@ -142,6 +142,43 @@ def test_muon_orthogonalises_each_shape_in_one_batched_product_at_the_chosen_dty
     assert sorted(stacks) == [((2, 32, 32), torch.float32), ((2, 32, 96), torch.float32), ((4, 32, 128), torch.float32)]
 
 
+def test_a_matrix_of_row_blocks_moves_as_its_blocks_would_apart():
+    """Attention's q, k and v in one (96, 32) weight: each block's update is that of a (32, 32) matrix."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(96, 32, generator=generator) * 0.02
+    qkv, whole = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    apart = [torch.nn.Parameter(block.clone()) for block in start.split(32)]
+    options = dict(lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    optimizers = [Muon([qkv], **options, row_blocks={qkv: 3}), Muon(apart, **options), Muon([whole], **options)]
+    for _ in range(3):
+        grad = torch.randn(96, 32, generator=generator)
+        qkv.grad, whole.grad = grad.clone(), grad.clone()
+        for matrix, block in zip(apart, grad.split(32)):
+            matrix.grad = block.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    torch.testing.assert_close(qkv.detach(), torch.cat([m.detach() for m in apart]), rtol=1e-5, atol=1e-6)
+    assert (qkv - whole).norm() > 0.1 * (whole - start).norm()  # not as one (96, 32) matrix moves
+
+
+def test_the_models_q_k_and_v_join_the_square_stack(monkeypatch, toy):
+    _, _, dataset = toy
+    stacks = []
+
+    def recording(stack, *args):
+        stacks.append(tuple(stack.shape))
+        return orthogonalize(stack, *args)
+
+    monkeypatch.setattr("pipeline.optim.orthogonalize", recording)
+    params = recipe(optimizer="muon")  # 1 block, 32 wide
+    model = build_model(params.model, dataset.vocab.size, 0)
+    optimizer = make_optimizer(model, params.train, torch.device("cpu"))
+    x = torch.randint(dataset.vocab.size, (4, params.model.block_size))
+    model(x, x)[1].backward()
+    optimizer.step()
+    assert sorted(stacks) == [(2, 32, 128), (4, 32, 32)]  # q, k, v and the projection; the MLP's two
+
+
 def test_orthogonalize_brings_every_singular_value_near_one():
     generator = torch.Generator().manual_seed(0)
     stack = torch.randn(3, 16, 48, generator=generator) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
