@@ -95,3 +95,20 @@ def test_continuing_a_named_study_with_other_settings_is_refused(toy, tracker):
     tune_example(sweep_params("toy.tune.study=mine", "toy.tune.trials=1")[0], paths, tracker, progress=False)
     with pytest.raises(PipelineError, match="study 'mine' was made with other"):
         tune_example(sweep_params("toy.tune.study=mine", "toy.tune.max_steps=30")[0], paths, tracker, progress=False)
+
+
+def test_an_edit_to_the_trials_code_names_a_new_study(tmp_path):
+    """DVC re-runs the sweep after such an edit: it must not report the trials the old code ran."""
+    from pipeline.tuning.storage import PACKAGE, TRIAL_CODE, code_digest, study_name
+
+    for name in TRIAL_CODE:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((PACKAGE / name).read_bytes())
+    assert code_digest(tmp_path) == code_digest()
+    (tmp_path / "optim.py").write_text((tmp_path / "optim.py").read_text() + "# an edit\n")
+    assert code_digest(tmp_path) != code_digest()
+    params, tune = sweep_params()
+    before = study_name(params, tune, "toy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pipeline.tuning.storage.code_digest", lambda: code_digest(tmp_path))
+        assert study_name(params, tune, "toy") != before

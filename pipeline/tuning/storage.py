@@ -22,6 +22,10 @@ from pipeline.tuning.space import TuneParams
 # settings that do not change what a trial computes, so changing them continues the same study
 VOLATILE_KEYS = {"study", "storage", "trials", "workers", "heartbeat_seconds", "register_as"}
 SQLITE_BUSY_SECONDS = 60.0  # how long a worker waits for a SQLite study another process is writing
+# The code that decides what a trial computes, beside its settings: after an edit to it, DVC re-runs
+# the sweep, which then starts a new study instead of reporting the trials the old code ran.
+PACKAGE = Path(__file__).resolve().parents[1]
+TRIAL_CODE = ("model.py", "data.py", "optim.py", "training.py", "device.py", "evaluation.py", "tuning/sweep.py")
 
 
 def quiet_optuna() -> None:
@@ -71,9 +75,18 @@ def open_storage(url: str, heartbeat_seconds: int, on_stale_trial=None) -> optun
     return optuna.storages.get_storage(storage)
 
 
+def code_digest(package: Path = PACKAGE) -> str:
+    """A hash of the files of `package` that decide what a trial computes (TRIAL_CODE)."""
+    digest = hashlib.sha256()
+    for name in TRIAL_CODE:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def settings_fingerprint(params: ExampleParams, tune: TuneParams) -> str:
-    """A hash of everything that decides what a trial computes."""
+    """A hash of everything that decides what a trial computes: its settings and its code."""
     settings = trained_with(params)
+    settings["code"] = code_digest()
     settings["tune"] = {k: v for k, v in dataclasses.asdict(tune).items() if k not in VOLATILE_KEYS}
     for key in ("max_steps", "eval_interval"):  # the sweep's budget replaces these
         del settings["train"][key]
@@ -123,7 +136,7 @@ def check_study_settings(study: optuna.Study, params: ExampleParams, tune: TuneP
         study.set_user_attr("settings_fingerprint", fingerprint)
     elif made_with != fingerprint:
         raise PipelineError(
-            f"study '{study.study_name}' was made with other data/model/train/tune settings; "
+            f"study '{study.study_name}' was made with other data/model/train/tune settings or training code; "
             "give tune.study a new name (or leave it null to name the study after its settings)"
         )
 
