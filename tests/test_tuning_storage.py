@@ -97,7 +97,7 @@ def test_continuing_a_named_study_with_other_settings_is_refused(toy, tracker):
         tune_example(sweep_params("toy.tune.study=mine", "toy.tune.max_steps=30")[0], paths, tracker, progress=False)
 
 
-def test_an_edit_to_the_trials_code_names_a_new_study(tmp_path):
+def test_an_edit_to_the_trials_code_names_a_new_study(tmp_path, monkeypatch):
     """DVC re-runs the sweep after such an edit: it must not report the trials the old code ran."""
     from pipeline.tuning.storage import PACKAGE, TRIAL_CODE, code_digest, study_name
 
@@ -109,6 +109,5 @@ def test_an_edit_to_the_trials_code_names_a_new_study(tmp_path):
     assert code_digest(tmp_path) != code_digest()
     params, tune = sweep_params()
     before = study_name(params, tune, "toy")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("pipeline.tuning.storage.code_digest", lambda: code_digest(tmp_path))
-        assert study_name(params, tune, "toy") != before
+    monkeypatch.setattr("pipeline.tuning.storage.code_digest", lambda: code_digest(tmp_path))
+    assert study_name(params, tune, "toy") != before

@@ -25,7 +25,10 @@ SQLITE_BUSY_SECONDS = 60.0  # how long a worker waits for a SQLite study another
 # The code that decides what a trial computes, beside its settings: after an edit to it, DVC re-runs
 # the sweep, which then starts a new study instead of reporting the trials the old code ran.
 PACKAGE = Path(__file__).resolve().parents[1]
-TRIAL_CODE = ("model.py", "data.py", "optim.py", "training.py", "device.py", "evaluation.py", "tuning/sweep.py")
+TRIAL_CODE = (
+    *("model.py", "data.py", "optim.py", "training.py", "device.py", "evaluation.py"),
+    *("tuning/space.py", "tuning/sweep.py"),  # a trial's values from its suggestions, and its objective
+)
 
 
 def quiet_optuna() -> None:
