@@ -28,7 +28,7 @@ def test_round_trip_gives_the_same_model(saved):
     path, model, vocab = saved
     checkpoint = load_checkpoint(path)
     assert checkpoint.vocab == vocab and checkpoint.step == 7 and checkpoint.best_val_loss == 1.25
-    idx = torch.randint(vocab.size, (2, 6))
+    idx = torch.randint(vocab.size, (2, model.config.block_size))
     torch.testing.assert_close(checkpoint.model(idx)[0], model.eval()(idx)[0])
     assert {"adamw", "muon"} == set(checkpoint.optimizer_state)  # Muon's state too, for an exact resume
     assert all("param_groups" in state for state in checkpoint.optimizer_state.values())

@@ -44,13 +44,14 @@ def test_split_loss_is_deterministic_and_matches_the_model_loss(toy):
     params, _, dataset = toy
     torch.manual_seed(0)
     model = build_model(params.model, dataset.vocab.size, params.train.seed).eval()
-    tokens = dataset.train[:81]
-    windows = block_windows(tokens, 8)
-    _, expected = model(tokens[:80].view(10, 8), tokens[1:81].view(10, 8))
+    block = params.model.block_size
+    tokens = dataset.train[: 10 * block + 1]
+    windows = block_windows(tokens, block)
+    _, expected = model(tokens[:-1].view(10, block), tokens[1:].view(10, block))
     cpu = torch.device("cpu")
     assert split_loss(model, windows, 3, cpu) == pytest.approx(expected.item(), rel=1e-5)
-    assert split_loss(model, eval_windows(dataset, "val", 8), 4, cpu) == split_loss(
-        model, eval_windows(dataset, "val", 8), 4, cpu
+    assert split_loss(model, eval_windows(dataset, "val", block), 4, cpu) == split_loss(
+        model, eval_windows(dataset, "val", block), 4, cpu
     )
 
 
