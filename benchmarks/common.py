@@ -146,10 +146,12 @@ def flops_per_token(model: GPT) -> int:
     """Training FLOPs per token as nanoGPT counts them: 6 per parameter, plus attention.
 
     Forward and backward of every matrix product (6 N), and the attention scores and their
-    use over the whole block (12 L C T; counting the causal half would halve that term).
+    use over the whole block (12 L C T; counting the causal half would halve that term). The
+    bigram table is looked up, never multiplied: it is left out.
     """
     c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+    lookups = model.transformer.bte.weight.numel() if c.bigram_embedding else 0
+    return 6 * (model.num_params() - lookups) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def format_table(rows: list[dict], columns: dict[str, str]) -> str:

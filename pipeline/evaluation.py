@@ -58,6 +58,16 @@ def eval_windows(dataset: Dataset, split: str, block_size: int) -> list:
     return block_windows(tokens, block_size)
 
 
+def spaced_windows(windows: list, max_targets: int | None) -> list:
+    """Every k-th window of each group, k chosen so that about `max_targets` targets remain; all of
+    them when they are fewer or `max_targets` is None. Evenly spaced, so the whole split is sampled."""
+    total = sum(targets.numel() for _, targets in windows)
+    if max_targets is None or total <= max_targets:
+        return windows
+    stride = math.ceil(total / max_targets)
+    return [(inputs[::stride], targets[::stride]) for inputs, targets in windows]
+
+
 def loss_metrics(loss: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2)}
 
@@ -65,8 +75,11 @@ def loss_metrics(loss: float) -> dict[str, float]:
 def split_metrics(
     model: GPT, dataset: Dataset, split: str, params: EvaluateParams, device, precision: str = "auto"
 ) -> dict[str, float]:
-    """Loss, perplexity and bits per character over the whole of one split."""
+    """Loss, perplexity and bits per character over one split: the whole validation split, and the
+    train split's `params.train_tokens` targets in evenly spaced windows."""
     windows = eval_windows(dataset, split, model.config.block_size)
+    if split == "train":
+        windows = spaced_windows(windows, params.train_tokens)
     return loss_metrics(split_loss(model, windows, params.batch_size, device, precision))
 
 

@@ -37,13 +37,19 @@ class KVCache:
         return k, v
 
 
+def token_before(idx, length: int):
+    """The token before the last `length` of `idx` (its bigram's first half), or None if there is none."""
+    return idx[:, -length - 1 : -length] if idx.size(1) > length else None
+
+
 def recompute(model: GPT, idx):
     """Logits of `idx` without a cache: its last block_size tokens with learned positions; with
     rotary ones, the tokens the last position depends on, at their own positions."""
     if not model.rotary:
-        return model(idx[:, -model.config.block_size :])
+        field = min(idx.size(1), model.config.block_size)
+        return model(idx[:, -field:], before=token_before(idx, field))
     field = min(idx.size(1), model.receptive_field())
-    return model(idx[:, -field:], start=idx.size(1) - field)
+    return model(idx[:, -field:], start=idx.size(1) - field, before=token_before(idx, field))
 
 
 def fill_cache(model: GPT, idx) -> tuple[KVCache, torch.Tensor]:
@@ -52,10 +58,9 @@ def fill_cache(model: GPT, idx) -> tuple[KVCache, torch.Tensor]:
     prompt at once would make a prompt x prompt attention mask."""
     keep = model.config.block_size - 1 if model.rotary else model.config.block_size
     cache = KVCache(model.config.n_layer, keep)
-    if model.rotary:
-        field = min(idx.size(1), model.receptive_field())
-        cache.length, idx = idx.size(1) - field, idx[:, -field:]
-    logits, _ = model(idx, cache=cache)
+    field = min(idx.size(1), model.receptive_field()) if model.rotary else idx.size(1)
+    cache.length = idx.size(1) - field
+    logits, _ = model(idx[:, -field:], cache=cache, before=token_before(idx, field))
     return cache, logits
 
 
@@ -92,7 +97,7 @@ def generate(
         elif cache is None:
             cache, logits = fill_cache(model, idx)
         else:
-            logits, _ = model(idx[:, -1:], cache=cache)
+            logits, _ = model(idx[:, -1:], cache=cache, before=idx[:, -2:-1])
         if temperature == 0:
             next_idx = logits[:, -1, :].argmax(dim=-1, keepdim=True)
         else:

@@ -223,3 +223,12 @@ def test_optimizer_step_times_torchs_muon_beside_ours_with_the_same_update(tmp_p
     assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["update_error"] == 0
     assert all(0 < r["update_error"] < 0.05 for r in rows[1:])  # bf16's rounding, no more
     assert results["matrices"] == 4 and results["machine"]["machine_class"]
+
+
+def test_flops_per_token_leave_out_the_bigram_table_which_is_only_looked_up():
+    from benchmarks.common import flops_per_token
+    from pipeline.model import ModelConfig, build_model
+
+    plain, bigrams = (build_model(ModelConfig(bigram_embedding=b), 65, 0) for b in (False, True))
+    assert bigrams.num_params() == plain.num_params() + (65 * 65 + 1) * 128
+    assert flops_per_token(bigrams) == flops_per_token(plain)

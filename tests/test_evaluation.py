@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from pipeline.evaluation import (
     last_letter_accuracy,
     last_letter_ceiling,
     loss_metrics,
+    spaced_windows,
     split_loss,
+    split_metrics,
     valid_mass,
     word_metrics,
     word_windows,
@@ -53,6 +56,27 @@ def test_split_loss_is_deterministic_and_matches_the_model_loss(toy):
     assert split_loss(model, eval_windows(dataset, "val", block), 4, cpu) == split_loss(
         model, eval_windows(dataset, "val", block), 4, cpu
     )
+
+
+def test_spaced_windows_sample_the_whole_split_evenly():
+    windows = block_windows(torch.arange(1001), 10)  # 100 windows of 10 targets
+    sampled = spaced_windows(windows, 250)
+    starts = sampled[0][0][:, 0].tolist()
+    assert starts == list(range(0, 1000, 40))  # every 4th window, from the first to near the last
+    assert sum(t.numel() for _, t in sampled) == 250
+    assert spaced_windows(windows, 1000) is windows and spaced_windows(windows, None) is windows
+
+
+def test_the_train_split_scores_train_tokens_targets_and_the_validation_split_all(toy):
+    params, _, dataset = toy
+    model = build_model(params.model, dataset.vocab.size, params.train.seed)
+    cpu, few = torch.device("cpu"), dataclasses.replace(params.evaluate, train_tokens=500)
+    whole = dataclasses.replace(params.evaluate, train_tokens=None)
+    sampled = split_metrics(model, dataset, "train", few, cpu)
+    assert sampled["loss"] != split_metrics(model, dataset, "train", whole, cpu)["loss"]
+    windows = spaced_windows(eval_windows(dataset, "train", params.model.block_size), 500)
+    assert sampled["loss"] == split_loss(model, windows, few.batch_size, cpu)
+    assert split_metrics(model, dataset, "val", few, cpu) == split_metrics(model, dataset, "val", whole, cpu)
 
 
 def test_loss_metrics_relate_perplexity_and_bits():

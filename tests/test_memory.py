@@ -21,9 +21,11 @@ OPTIONS = list(
 )
 
 
+@pytest.mark.parametrize("bigrams", [True, False])
 @pytest.mark.parametrize("positions, norm, mlp, tie, bias", OPTIONS)
-def test_the_parameter_count_is_the_built_models(positions, norm, mlp, tie, bias):
+def test_the_parameter_count_is_the_built_models(positions, norm, mlp, tie, bias, bigrams):
     config = ModelConfig(
+        bigram_embedding=bigrams,
         block_size=8,
         n_layer=2,
         n_head=2,

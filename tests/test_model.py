@@ -131,7 +131,15 @@ def test_a_filled_cache_takes_one_token_at_a_time():
         model(torch.zeros(1, 1, dtype=torch.long), cache=full)
 
 
-MODERN = dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=15.0)
+MODERN = dict(
+    positions="rotary",
+    norm="rmsnorm",
+    qk_norm=True,
+    mlp="relu2",
+    tie_embeddings=False,
+    logit_softcap=15.0,
+    bigram_embedding=True,
+)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +152,7 @@ MODERN = dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie
         {"mlp": "swiglu"},
         {"tie_embeddings": False},
         {"logit_softcap": 10.0},
+        {"bigram_embedding": True},
         MODERN,
     ],
 )
@@ -222,9 +231,28 @@ def test_rotary_cached_logits_match_a_sliding_window_forward_past_block_size():
     idx = torch.randint(11, (2, 17))
     full, _ = model(idx)  # longer than block_size: each position sees the 5 before it, its own included
     cache = KVCache(model.config.n_layer, model.config.block_size - 1)
-    steps = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 17)]
+    steps = [model(idx[:, :3], cache=cache)[0]]
+    steps += [model(idx[:, t : t + 1], cache=cache, before=idx[:, t - 1 : t])[0] for t in range(3, 17)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.keys[0].size(2) == 4  # the window's other positions, not the whole sample
+
+
+def test_each_position_adds_the_bigram_row_of_its_pair_and_a_window_start_the_unseen_row():
+    model = GPT(config(bigram_embedding=True))
+    V = model.config.vocab_size
+    idx = torch.tensor([[3, 5, 7], [0, 10, 10]])
+    assert model.bigrams(idx).tolist() == [[V * V, 3 * V + 5, 5 * V + 7], [V * V, 0 * V + 10, 10 * V + 10]]
+    assert model.bigrams(idx, before=torch.tensor([[2], [9]]))[:, 0].tolist() == [2 * V + 3, 9 * V + 0]
+    assert model.transformer.bte.num_embeddings == V * V + 1
+
+
+def test_the_token_before_a_window_changes_its_logits_through_its_first_bigram():
+    torch.manual_seed(8)
+    model = GPT(config(bigram_embedding=True, positions="rotary")).eval()
+    idx = torch.randint(11, (1, 6))
+    unseen, seen = model(idx)[0], model(idx, before=torch.tensor([[4]]))[0]
+    assert not torch.allclose(unseen, seen)
+    torch.testing.assert_close(model(idx, before=torch.tensor([[4]]))[0], seen)
 
 
 def test_rotary_generation_feeds_one_token_per_step_however_long_the_sample():
