@@ -205,8 +205,8 @@ def test_hidden_matrices_are_the_blocks_2d_weights_only():
 
 @pytest.mark.parametrize(
     "block, new_tokens",
-    [({"block_size": 8}, 14), ({"block_size": 6, **MODERN}, 30)],
-    ids=["learned positions", "rotary positions"],
+    [({"block_size": 8}, 14), ({"block_size": 8, "bigram_embedding": True}, 14), ({"block_size": 6, **MODERN}, 30)],
+    ids=["learned positions", "learned positions and bigrams", "rotary positions and bigrams"],
 )
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
 def test_generation_with_the_cache_gives_the_same_tokens_as_without_far_past_block_size(
