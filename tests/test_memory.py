@@ -1,6 +1,7 @@
 """The memory estimates (pipeline/memory.py): counted as GPT builds the model, close to a real peak,
 and a refusal with both figures before anything is allocated."""
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -13,8 +14,9 @@ from pipeline.errors import PipelineError
 from pipeline.files import human
 from pipeline.memory import Shapes, check_fits, sampling_estimate, training_estimate
 from pipeline.model import ModelConfig, build_model
+from pipeline.stages.train import check_model_fits
 
-from .helpers import cli_env
+from .helpers import cli_env, tiny_params
 
 OPTIONS = list(
     itertools.product(["learned", "rotary"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [True, False], [True, False])
@@ -127,3 +129,12 @@ def test_a_long_prompt_samples_from_its_receptive_field_only():
     long, short = (sampling_estimate(config, 65, 2, length, 20) for length in (100_000, 40))
     assert long.parts["activations"] == short.parts["activations"]
     assert long.parts["tokens"] == 8 * 2 * 100_020 and long.total - long.parts["the stage's own"] < 10 * 2**20
+
+
+def test_a_bigram_table_too_large_for_memory_is_refused_naming_its_key():
+    """Its rows grow with the square of the vocabulary: 20,000 characters make 4·10^8 of them."""
+    params = tiny_params("shakespeare")
+    with pytest.raises(PipelineError, match=r"lower shakespeare\.model\.n_layer, n_embd or bigram_embedding"):
+        check_model_fits(params, 20_000, torch.device("cpu"), "shakespeare")
+    without = dataclasses.replace(params, model=dataclasses.replace(params.model, bigram_embedding=False))
+    check_model_fits(without, 20_000, torch.device("cpu"), "shakespeare")

@@ -125,7 +125,8 @@ def explained(paths: ExamplePaths, checkpoints: TrainingCheckpoints):
 
 def check_model_fits(params: ExampleParams, vocab_size: int, device, example: str) -> None:
     """Refuse now, before the model is built or an MLflow run starts, what the device cannot hold."""
-    keys = (f"{example}.train.batch_size or {example}.model.block_size", f"{example}.model.n_layer or n_embd")
+    model_keys = "n_layer, n_embd or bigram_embedding" if params.model.bigram_embedding else "n_layer or n_embd"
+    keys = (f"{example}.train.batch_size or {example}.model.block_size", f"{example}.model.{model_keys}")
     check_training_fits(
         params.model, vocab_size, params.train.batch_size, params.train.optimizer, device, f"training {example}", keys
     )
