@@ -129,7 +129,9 @@ def test_muon_makes_torch_muons_update(dtype):
     assert relative_error(muon_deltas(Muon, dtype=dtype), muon_deltas(torch.optim.Muon)) < 0.02
 
 
-def test_muon_orthogonalises_each_shape_in_one_batched_product_at_the_chosen_dtype(monkeypatch):
+@pytest.fixture
+def orthogonalized_stacks(monkeypatch) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of every stack Muon orthogonalises while the test runs."""
     stacks = []
 
     def recording(stack, *args):
@@ -137,9 +139,14 @@ def test_muon_orthogonalises_each_shape_in_one_batched_product_at_the_chosen_dty
         return orthogonalize(stack, *args)
 
     monkeypatch.setattr("pipeline.optim.orthogonalize", recording)
+    return stacks
+
+
+def test_muon_orthogonalises_each_shape_in_one_batched_product_at_the_chosen_dtype(orthogonalized_stacks):
     muon_deltas(Muon, steps=1, dtype=torch.float32)
     # the MLP's output projection joins its input projection's stack, transposed
-    assert sorted(stacks) == [((2, 32, 32), torch.float32), ((2, 32, 96), torch.float32), ((4, 32, 128), torch.float32)]
+    expected = [((2, 32, 32), torch.float32), ((2, 32, 96), torch.float32), ((4, 32, 128), torch.float32)]
+    assert sorted(orthogonalized_stacks) == expected
 
 
 def test_a_matrix_of_row_blocks_moves_as_its_blocks_would_apart():
@@ -161,22 +168,16 @@ def test_a_matrix_of_row_blocks_moves_as_its_blocks_would_apart():
     assert (qkv - whole).norm() > 0.1 * (whole - start).norm()  # not as one (96, 32) matrix moves
 
 
-def test_the_models_q_k_and_v_join_the_square_stack(monkeypatch, toy):
+def test_the_models_q_k_and_v_join_the_square_stack(orthogonalized_stacks, toy):
     _, _, dataset = toy
-    stacks = []
-
-    def recording(stack, *args):
-        stacks.append(tuple(stack.shape))
-        return orthogonalize(stack, *args)
-
-    monkeypatch.setattr("pipeline.optim.orthogonalize", recording)
     params = recipe(optimizer="muon")  # 1 block, 32 wide
     model = build_model(params.model, dataset.vocab.size, 0)
     optimizer = make_optimizer(model, params.train, torch.device("cpu"))
     x = torch.randint(dataset.vocab.size, (4, params.model.block_size))
     model(x, x)[1].backward()
     optimizer.step()
-    assert sorted(stacks) == [(2, 32, 128), (4, 32, 32)]  # q, k, v and the projection; the MLP's two
+    shapes = sorted(shape for shape, _ in orthogonalized_stacks)
+    assert shapes == [(2, 32, 128), (4, 32, 32)]  # q, k, v and the projection; the MLP's two
 
 
 def test_orthogonalize_brings_every_singular_value_near_one():
