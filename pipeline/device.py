@@ -40,6 +40,19 @@ def newton_schulz_dtype(device: torch.device, precision: str) -> torch.dtype:
     return torch.bfloat16 if precision != "float32" and multiplies_bf16(device) else torch.float32
 
 
+# `train.batch_size: auto`: the batch per step where the run multiplies in bf16 (a bf16 CPU, CUDA)
+# and where it multiplies in float32. A bf16 CPU steps 1.4x faster than in float32, and spends that
+# on more windows a step rather than more steps: a lower loss within nanoGPT's time (docs/performance.md)
+BF16_BATCH_SIZE = 48
+FLOAT32_BATCH_SIZE = 32
+
+
+def auto_batch_size(device_name: str, precision: str) -> int:
+    """What `train.batch_size: auto` comes to for `train.device` and `train.precision` here."""
+    device = pick_device("auto") if device_name == "auto" else torch.device(device_name)
+    return BF16_BATCH_SIZE if uses_bf16(device, precision) else FLOAT32_BATCH_SIZE
+
+
 def resolved_precision(device: torch.device, precision: str) -> dict[str, str]:
     """What `train.precision` came to on `device`: logged with a run's parameters."""
     autocast_dtype = torch.bfloat16 if uses_bf16(device, precision) else torch.float32

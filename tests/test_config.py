@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from pipeline.cli import main
 from pipeline.config import example_params, load_params
+from pipeline.device import BF16_BATCH_SIZE, FLOAT32_BATCH_SIZE, cpu_supports_bf16
 from pipeline.errors import PipelineError
 from pipeline.model import ModelConfig
 from pipeline.overrides import apply_overrides, parse_override, read_overrides_file
@@ -50,6 +51,10 @@ def test_the_shipped_params_file_is_valid():
         ("toy.model.n_head=1000000000000", "toy.model.n_head: Input should be less than or equal to 4096"),
         ("toy.model.block_size=1000000000000", "toy.model.block_size: Input should be less than or equal to 1048576"),
         ("toy.train.batch_size=1000000000000", "toy.train.batch_size: Input should be less than or equal to 16777216"),
+        (
+            "toy.train.batch_size=automatic",
+            "toy.train.batch_size: Input should be an integer or 'auto' (got 'automatic')",
+        ),
         (
             "toy.evaluate.batch_size=1000000000000",
             "toy.evaluate.batch_size: Input should be less than or equal to 16777216",
@@ -110,6 +115,20 @@ def test_a_section_states_only_what_differs_from_the_defaults(tmp_path):
     assert params.model == ModelConfig() and params.sample == SampleParams() and params.evaluate.words is None
     words = load_params(path, ["mine.data.kind=words"])["mine"]
     assert words.evaluate.words == WordEvalParams()
+
+
+def test_an_auto_batch_size_comes_to_a_number_by_the_runs_precision_on_its_device():
+    def batch(*overrides):
+        return load_params(ROOT / "params.yaml", ["shakespeare.train.batch_size=auto", *overrides])[
+            "shakespeare"
+        ].train.batch_size
+
+    assert batch("shakespeare.train.precision=float32") == FLOAT32_BATCH_SIZE
+    assert batch("shakespeare.train.precision=bfloat16") == BF16_BATCH_SIZE
+    assert batch("shakespeare.train.device=cuda") == BF16_BATCH_SIZE  # read from the name: no GPU needed
+    assert batch("shakespeare.train.device=cpu") == (BF16_BATCH_SIZE if cpu_supports_bf16() else FLOAT32_BATCH_SIZE)
+    assert FLOAT32_BATCH_SIZE < BF16_BATCH_SIZE
+    assert TrainParams(batch_size=7).batch_size == 7 and TrainParams().batch_size == batch()
 
 
 def test_the_example_lists_name_sections_of_the_file(tmp_path):
