@@ -41,8 +41,9 @@ def newton_schulz_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 # `train.batch_size: auto`: the batch per step where the run multiplies in bf16 (a bf16 CPU, CUDA)
-# and where it multiplies in float32. A bf16 CPU steps 1.4x faster than in float32, and spends that
-# on more windows a step rather than more steps: a lower loss within nanoGPT's time (docs/performance.md)
+# and where it multiplies in float32. On 2 AVX512-BF16 cores bf16 stepped 1.4x faster than float32,
+# and batch 48 spends that on more windows a step: a lower loss within nanoGPT's time there
+# (docs/performance.md; AMX and GPUs not measured)
 BF16_BATCH_SIZE = 48
 FLOAT32_BATCH_SIZE = 32
 
