@@ -38,12 +38,15 @@ from pipeline.device import multiplies_bf16, pick_device, uses_bf16, uses_compil
 from pipeline.errors import PipelineError
 from pipeline.overrides import read_overrides_file
 
-VARIANTS = {
-    "float32": ("float32", False),
-    "bfloat16": ("bfloat16", False),
-    "float32+compile": ("float32", True),
-    "bfloat16+compile": ("bfloat16", True),
+VARIANTS = {  # (precision, compile, compile_mode)
+    "float32": ("float32", False, "default"),
+    "bfloat16": ("bfloat16", False, "default"),
+    "float32+compile": ("float32", True, "default"),
+    "bfloat16+compile": ("bfloat16", True, "default"),
+    "bfloat16+cudagraphs": ("bfloat16", True, "reduce-overhead"),  # CUDA graphs on a GPU
+    "bfloat16+autotune": ("bfloat16", True, "max-autotune"),  # and tuned kernels: minutes of compiling
 }
+DEFAULT_VARIANTS = "float32,bfloat16,float32+compile,bfloat16+compile"
 COLUMNS = {
     "variant": "{}",
     "batch": "{}",
@@ -65,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__file__, __doc__, example)
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)",
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)",
     )
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default: the example's train.batch_size)")
     parser.add_argument("--threads", help="comma-separated CPU thread counts (default: the example's train.threads)")
@@ -78,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_overrides(example: str, setting: tuple, batch: int, threads: int, steps: int, warmup: int) -> list[str]:
-    precision, compiled = setting  # e.g. ("bfloat16", True), or the reference file's own ("float32", "auto")
+    precision, compiled, mode = setting  # e.g. ("bfloat16", True, "default"), or the reference file's own
     train = f"{example}.train"
     return [
         f"{train}.threads={threads}",
         f"{train}.precision={precision}",
         f"{train}.compile={str(compiled).lower()}",
+        f"{train}.compile_mode={mode}",
         f"{train}.batch_size={batch}",
         f"{train}.max_steps={steps}",
         f"{train}.warmup_steps={min(warmup, steps)}",
@@ -151,12 +155,12 @@ def run(args) -> dict:
     )
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [params.train.threads]
     jobs = [(variant, batch, n) for n in threads for batch in batches for variant in variants]
-    settings = dict(VARIANTS)  # each job's (precision, compile)
+    settings = dict(VARIANTS)  # each job's (precision, compile, compile_mode)
     if args.reference:
         reference_params = load_params(args.params, read_overrides_file(args.reference))
         reference = example_params(reference_params, args.example, args.params)
         jobs.insert(0, ("reference", reference.train.batch_size, threads[0]))
-        settings["reference"] = (reference.train.precision, reference.train.compile)
+        settings["reference"] = (reference.train.precision, reference.train.compile, reference.train.compile_mode)
     best = {}
     for _ in range(args.rounds):  # rounds interleave the variants: a busy spell hits them all alike
         for job in jobs:
@@ -182,6 +186,7 @@ def run(args) -> dict:
         rows.append(
             {"variant": variant, "batch": batch, "threads": n or torch.get_num_threads()}
             | {"precision": precision, "compile": uses_compile(device, settings[variant][1])}
+            | {"compile_mode": settings[variant][2]}
             | figures
             | {"gflops": gflops, "mfu": gflops / peaks[precision] if precision in peaks else None}
         )

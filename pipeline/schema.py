@@ -69,6 +69,8 @@ class TrainParams:
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"  # auto: cuda, mps, cpu
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA and bf16 CPUs
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
+    # torch.compile's mode when it compiles; reduce-overhead and max-autotune replay CUDA graphs on a GPU
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
     max_steps: PositiveInt = 1000  # on 2 cores without bf16 (AVX2) about 2 minutes, the main job's longest stage

@@ -43,6 +43,14 @@ class TrainResult:
         return float(np.mean(rates))
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
+
+
+def compiled(model: GPT, mode: str):
+    """`model` under torch.compile in `mode` (TrainParams.compile_mode); the wrapper shares its parameters."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 @contextlib.contextmanager
 def deterministic(enabled: bool):
     """Deterministic algorithms while `enabled`: compiled CPU code then sums embedding gradients
@@ -171,7 +179,8 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
     block_size = model.config.block_size
     model.to(device).train()
     # the compiled wrapper shares the parameters: `model` stays the module to save and evaluate
-    forward = torch.compile(model) if uses_compile(device, params.compile) else model
+    forward = compiled(model, params.compile_mode) if uses_compile(device, params.compile) else model
+    graphs = forward is not model and device.type == "cuda" and params.compile_mode in CUDA_GRAPH_MODES
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator().manual_seed(params.seed)
     eval_seed = params.seed + 1
@@ -220,6 +229,8 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
         lr = learning_rate_at(step - 1, params)
         set_learning_rate(optimizer, lr)
         x, y = next_batch(step)
+        if graphs:  # a new step: the graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, params.precision):
             _, loss = forward(to_device(x, device), to_device(y, device))
         loss_value = loss.item()

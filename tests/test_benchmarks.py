@@ -97,6 +97,15 @@ def test_train_step_compares_variants_with_every_figure_against_the_reference(tm
     assert results["machine"]["machine_class"].startswith(("CPU with bf16", "CPU without bf16"))
 
 
+def test_the_cuda_graphs_variant_compiles_in_reduce_overhead_mode():
+    from benchmarks.train_step import VARIANTS, job_overrides
+    from pipeline.config import load_params
+
+    overrides = job_overrides("toy", VARIANTS["bfloat16+cudagraphs"], batch=8, threads=1, steps=10, warmup=5)
+    train = load_params(ROOT / "params.yaml", overrides)["toy"].train
+    assert (train.precision, train.compile, train.compile_mode) == ("bfloat16", True, "reduce-overhead")
+
+
 def test_an_unknown_variant_is_refused():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_step", "--variants", "float16"],

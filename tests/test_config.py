@@ -37,6 +37,11 @@ def test_the_shipped_params_file_is_valid():
         ("toy.train.max_steps=2.5", "toy.train.max_steps: Input should be a valid integer"),
         ("toy.train.device=gpu", "toy.train.device: String should match pattern"),
         ("toy.train.precision=fp8", "toy.train.precision: Input should be 'auto', 'float32' or 'bfloat16'"),
+        (
+            "toy.train.compile_mode=graphs",
+            "toy.train.compile_mode: Input should be 'default', 'reduce-overhead', 'max-autotune' or "
+            "'max-autotune-no-cudagraphs'",
+        ),
         ("toy.train.min_lr=1", "toy.train: min_lr (1.0) must not exceed learning_rate"),
         ("toy.data.val_fraction=1.5", "toy.data.val_fraction: Input should be less than 1"),
         ("toy.data.kind=csv", "toy.data: Input tag 'csv' found using 'kind' does not match"),

@@ -160,6 +160,23 @@ def test_cuda_training_uses_bf16_autocast_fused_adamw_tf32_and_compile(toy):
 
 
 @CUDA
+def test_cuda_graphs_train_as_the_default_compile_does(toy):
+    """compile_mode reduce-overhead replays CUDA graphs: the same run, step for step, up to other kernels' rounding."""
+    params, _, dataset = toy
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        settings = (f"toy.train.compile_mode={mode}", "toy.train.device=cuda", "toy.train.max_steps=40")
+        p = tiny_params("toy", *settings).train
+        model = build_model(params.model, dataset.vocab.size, params.train.seed)
+        runs[mode] = train(model, dataset, params=p, device=torch.device("cuda"), progress=False)
+    default, graphs = ([h.train_loss for h in runs[mode].history] for mode in runs)
+    assert graphs[-1] < graphs[0]
+    assert graphs == pytest.approx(default, rel=0.02)
+    assert not any("_orig_mod" in k for k in runs["reduce-overhead"].model.state_dict())
+
+
+@CUDA
 def test_batches_reach_the_gpu_through_pinned_memory():
     tokens = torch.arange(12).view(3, 4)[:, 1:]  # a strided view, as a batch is
     moved = to_device(tokens, torch.device("cuda"))
