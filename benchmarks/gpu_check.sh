@@ -12,7 +12,7 @@
 #
 # Writes OUT_DIR/gpu_check.log (everything printed) and one JSON per benchmark. On a machine without
 # the project's packages (mlflow, optuna, pydantic...), first run benchmarks/gpu_wheels.sh where pip
-# works: this script installs what .whl/ holds into /tmp/site. PYTHON picks the interpreter.
+# works: this script installs what .whl/ (or WHEELS) holds into /tmp/site. PYTHON picks the interpreter.
 set -uo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^set /p' "$0" | sed '$d' | cut -c3-
@@ -22,17 +22,19 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-check}}
 BUDGET=${BUDGET:-480}
 PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=
 START=$SECONDS
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 2
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not found"
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+"$PYTHON" -c 'import google.protobuf as p; print("protobuf", p.__version__, "(MLflow needs 5.26 or later)")'
 
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run it under a time limit, unless too little budget is left
     local name=$1 limit=$2 left=$((BUDGET - (SECONDS - START)))
@@ -72,6 +74,7 @@ sweep() {  # sweep WORKERS TRIALS: a new study at the GPU scale, 300 steps a tri
 SWEEP_SET=(--set shakespeare.tune.max_steps=300 --set shakespeare.tune.eval_interval=100
     --set shakespeare.tune.pruner.warmup_steps=100 --set "shakespeare.tune.space.n_head.choices=[4,6,8]"
     --set "shakespeare.tune.space.head_size.choices=[32,64]")
+part prepare 60 "$PYTHON" -m pipeline prepare --example shakespeare  # the sweep reads the prepared data
 sweep 1 4
 sweep 4 8
 echo "== done in $((SECONDS - START)) s; results in $OUT_DIR"

@@ -4,6 +4,7 @@ They measure speed; these tests check only that they run and report every figure
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -104,6 +105,17 @@ def test_the_cuda_graphs_variant_compiles_in_reduce_overhead_mode():
     overrides = job_overrides("toy", VARIANTS["bfloat16+cudagraphs"], batch=8, threads=1, steps=10, warmup=5)
     train = load_params(ROOT / "params.yaml", overrides)["toy"].train
     assert (train.precision, train.compile, train.compile_mode) == ("bfloat16", True, "reduce-overhead")
+
+
+def test_the_gpu_check_skips_each_part_its_budget_cannot_hold_and_says_so(tmp_path):
+    env = os.environ | {"BUDGET": "0", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    parts = ["tests", "time_to_quality", "train_step", "profile_step", "prepare", "sweep_1_workers", "sweep_4_workers"]
+    assert [line.split(":")[0].removeprefix("== ") for line in result.stdout.splitlines() if "skipped" in line] == parts
+    assert (tmp_path / "out" / "gpu_check.log").exists()
 
 
 def test_an_unknown_variant_is_refused():
