@@ -18,8 +18,8 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^set /p' "$0" | sed '$d' | cut -c3-
     exit 0
 fi
+OUT_DIR=$(realpath -m "${1:-${OUT:-gpu-check}}")  # a relative path is the caller's, not the repo's
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-gpu-check}}
 BUDGET=${BUDGET:-480}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
