@@ -179,8 +179,9 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
     block_size = model.config.block_size
     model.to(device).train()
     # the compiled wrapper shares the parameters: `model` stays the module to save and evaluate
-    forward = compiled(model, params.compile_mode) if uses_compile(device, params.compile) else model
-    graphs = forward is not model and device.type == "cuda" and params.compile_mode in CUDA_GRAPH_MODES
+    compiles = uses_compile(device, params.compile)
+    forward = compiled(model, params.compile_mode) if compiles else model
+    graphs = compiles and device.type == "cuda" and params.compile_mode in CUDA_GRAPH_MODES
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator().manual_seed(params.seed)
     eval_seed = params.seed + 1
