@@ -170,7 +170,7 @@ def test_cuda_graphs_train_as_the_default_compile_does(toy):
         p = tiny_params("toy", *settings).train
         model = build_model(params.model, dataset.vocab.size, params.train.seed)
         runs[mode] = train(model, dataset, params=p, device=torch.device("cuda"), progress=False)
-    default, graphs = ([h.train_loss for h in runs[mode].history] for mode in runs)
+    default, graphs = ([h.train_loss for h in run.history] for run in runs.values())
     assert graphs[-1] < graphs[0]
     assert graphs == pytest.approx(default, rel=0.02)
     assert not any("_orig_mod" in k for k in runs["reduce-overhead"].model.state_dict())
