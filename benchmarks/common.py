@@ -147,10 +147,10 @@ def flops_per_token(model: GPT) -> int:
 
     Forward and backward of every matrix product (6 N), and the attention scores and their
     use over the whole block (12 L C T; counting the causal half would halve that term). The
-    bigram table is looked up, never multiplied: it is left out.
+    bigram and n-gram tables are looked up, never multiplied: they are left out.
     """
     c = model.config
-    lookups = model.transformer.bte.weight.numel() if c.bigram_embedding else 0
+    lookups = sum(table.weight.numel() for table in model.lookup_tables())
     return 6 * (model.num_params() - lookups) + 12 * c.n_layer * c.n_embd * c.block_size
 
 

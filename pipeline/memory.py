@@ -65,6 +65,7 @@ class Shapes:
         C, V, c = self.config.n_embd, self.vocab_size, self.config
         embeddings = V * C + (c.block_size * C if c.positions == "learned" else 0)
         embeddings += (V * V + 1) * C if c.bigram_embedding else 0
+        embeddings += sum(c.ngram_rows) * C
         head = 0 if c.tie_embeddings else C * V
         return embeddings + c.n_layer * self.block_params() + self.norm_params() + head
 

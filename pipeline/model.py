@@ -3,8 +3,9 @@
 Token embeddings, `n_layer` pre-norm transformer blocks with causal multi-head self-attention and
 an MLP, a final norm and a language-model head. The classic nanoGPT block (learned positions,
 LayerNorm, GELU, tied head) and the faster modern one (rotary positions, RMSNorm, QK-norm, ReLU²
-or SwiGLU, untied head, zero-initialised projections, soft-capped logits, bigram embeddings) are the same code, chosen
-by `ModelConfig`. Generation (the key/value cache, sampling a token at a time) is in sampling.py.
+or SwiGLU, untied head, zero-initialised projections, soft-capped logits, bigram and hashed n-gram
+embeddings) are the same code, chosen by `ModelConfig`. Generation (the key/value cache, sampling a
+token at a time) is in sampling.py.
 """
 
 import dataclasses
@@ -27,6 +28,9 @@ MAX_LAYERS = 10_000
 MAX_WIDTH = 2**16  # n_embd: one block of this width holds 12 x 2^32 parameters, 200 GB
 MAX_HEADS = 2**12
 MAX_BLOCK_SIZE = 2**20  # positions of a training window
+MAX_TABLE_ROWS = 2**31  # rows of one hashed n-gram table
+HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads the low bits' n-grams over the table
+HASH_MODULUS = 2**31 - 1  # keeps a rolling n-gram key, times the multiplier, inside int64
 
 
 @dataclass(config=STRICT)
@@ -54,6 +58,9 @@ class ModelConfig:
     # each position adds an embedding of its pair (previous token, own token): vocab_size² + 1 rows,
     # lookups only. Shakespeare: 0.02 lower loss after 1000 steps, 0.05 mid-run (docs/performance.md)
     bigram_embedding: bool = True
+    # hashed n-gram embeddings: the rows of a table for each order from 3 up ([32768, 65536] for 3- and
+    # 4-grams); each position adds the row its last n tokens hash to. Lookups only, updated sparsely
+    ngram_rows: tuple[Annotated[int, Field(gt=0, le=MAX_TABLE_ROWS)], ...] = (16384, 32768, 65536)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -72,6 +79,7 @@ CLASSIC_BLOCK = dict(
     zero_init=False,
     logit_softcap=0.0,
     bigram_embedding=False,
+    ngram_rows=(),
 )
 
 
@@ -214,6 +222,8 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.bigram_embedding:  # row a·V + b for the pair (a, b); the last row for an unseen previous token
             self.transformer.bte = nn.Embedding(config.vocab_size**2 + 1, config.n_embd)
+        if config.ngram_rows:  # one table for each order n = 3, 4, ...
+            self.transformer.nte = nn.ModuleList(nn.Embedding(rows, config.n_embd) for rows in config.ngram_rows)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -261,19 +271,47 @@ class GPT(nn.Module):
         # a single query (after a cache) sees every key the cache returns: no mask then
         return rope, sliding_mask(positions, positions, window) if T > 1 else None
 
+    @property
+    def lookback(self) -> int:
+        """How many tokens before a window its lookups read: a bigram's 1, an n-gram's n - 1."""
+        if self.config.ngram_rows:
+            return len(self.config.ngram_rows) + 1
+        return int(self.config.bigram_embedding)
+
+    def lookup_tables(self) -> list[nn.Embedding]:
+        """The bigram and n-gram tables: each step reads a few of their rows, and updates only those."""
+        tables = [self.transformer.bte] if self.config.bigram_embedding else []
+        return tables + list(self.transformer.nte) if self.config.ngram_rows else tables
+
     def bigrams(self, idx, before=None):
         """The bigram-embedding row of each position of `idx`: its pair with the token before it.
-        `before` (B, 1) is the token before idx's first; None: not seen (a window's first position)."""
+        `before` (B, j) ends with the token before idx's first; None: not seen (a window's first position)."""
         V = self.config.vocab_size
-        first = idx[:, :1] + before * V if before is not None else torch.full_like(idx[:, :1], V * V)
+        first = idx[:, :1] + before[:, -1:] * V if before is not None else torch.full_like(idx[:, :1], V * V)
         return torch.cat((first, idx[:, :-1] * V + idx[:, 1:]), dim=1)
+
+    def ngrams(self, idx, before=None):
+        """Each n-gram table's row for each position of `idx` (n = 3, 4, ...): the hash of the n
+        tokens that end there. `before` (B, j): the tokens before idx's first; any further back
+        count as one more symbol, V, "not seen", as at the start of a training window."""
+        V, T, lookback = self.config.vocab_size, idx.size(1), self.lookback
+        context = idx if before is None else torch.cat((before[:, -lookback:], idx), dim=1)
+        context = F.pad(context, (lookback - (context.size(1) - T), 0), value=V)
+        key, scale, rows = context[:, lookback:], 1, []
+        for back in range(1, lookback + 1):  # key: the n-gram's tokens as digits in base V + 1, newest first
+            scale = scale * (V + 1) % HASH_MODULUS
+            key = (key + context[:, lookback - back : lookback - back + T] * scale) % HASH_MODULUS
+            if back >= 2:
+                rows.append((key * HASH_MULTIPLIER >> 16) % self.config.ngram_rows[back - 2])
+        return rows
 
     def forward(self, idx, targets=None, cache: "KVCache | None" = None, start: int = 0, before=None):
         """Logits (and the loss against `targets`); with a `cache`, `idx` follows its positions.
 
         `start`: the position of idx's first token (rotary positions only), as when a long sample
         is recomputed from its last tokens; an empty cache starts there too (`KVCache.length`).
-        `before`: the token before idx's first, for its bigram embedding, when idx does not start the text.
+        `before` (B, j): the tokens before idx's first, for its bigram and n-gram rows (`lookback` of
+        them are read), when idx does not start the text.
         """
         start = cache.length if cache is not None else start
         T = idx.size(1)
@@ -284,6 +322,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.config.bigram_embedding:
             x = x + self.transformer.bte(self.bigrams(idx, before))
+        if self.config.ngram_rows:
+            for table, rows in zip(self.transformer.nte, self.ngrams(idx, before)):
+                x = x + table(rows)
         if not self.rotary:
             x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
         rope, mask = self.position_inputs(start, T, idx.device)
@@ -307,6 +348,12 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the lookup tables': what gradient clipping bounds. A table's gradient
+        touches a few rows, and on the CPU it is sparse, which clipping's norm does not take."""
+        tables = {id(table.weight) for table in self.lookup_tables()}
+        return [p for p in self.parameters() if id(p) not in tables]
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The blocks' 2-D weights: what Muon orthogonalises; embeddings, head and gains are not."""

@@ -193,14 +193,33 @@ def adamw(groups: list[dict], params: TrainParams, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=params.learning_rate, betas=betas, fused=device.type == "cuda")
 
 
+def lookups(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, without weight decay, for the bigram and n-gram tables. A step reads a few thousand of
+    their rows: on the CPU their gradients are sparse and SparseAdam updates those rows alone,
+    where a dense AdamW step over 30 M numbers took a third of Shakespeare's step
+    (docs/performance.md); on a GPU (or compiled) they stay dense, for one fused update."""
+    tables = model.lookup_tables()
+    sparse = device.type == "cpu" and not uses_compile(device, params.compile)
+    for table in tables:
+        table.sparse = sparse
+    group = {"params": [table.weight for table in tables], "lr_scale": params.lookup_lr_scale}
+    lr, betas = params.learning_rate * params.lookup_lr_scale, (params.beta1, params.beta2)
+    if sparse:
+        return torch.optim.SparseAdam([group], lr=lr, betas=betas)
+    return torch.optim.Adam([group], lr=lr, betas=betas, fused=device.type == "cuda")
+
+
 def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.Optimizer | Optimizers:
-    if params.optimizer == "adamw":
-        return adamw(model.optimizer_groups(params.weight_decay), params, device)
-    hidden = {id(p) for p in model.hidden_matrices()}
+    """AdamW, or Muon and AdamW, for the dense parameters, and `lookups` for the tables if there are any."""
+    tables = {id(table.weight) for table in model.lookup_tables()}
+    hidden = {id(p) for p in model.hidden_matrices()} if params.optimizer == "muon" else set()
     rest = [
-        {"params": [p for p in group["params"] if id(p) not in hidden], "weight_decay": group["weight_decay"]}
+        {"params": [p for p in group["params"] if id(p) not in hidden | tables], "weight_decay": group["weight_decay"]}
         for group in model.optimizer_groups(params.weight_decay)
     ]
+    optimizers = {"lookups": lookups(model, params, device)} if tables else {}
+    if params.optimizer == "adamw":
+        return Optimizers(adamw=adamw(rest, params, device), **optimizers) if tables else adamw(rest, params, device)
     muon = Muon(
         [{"params": model.hidden_matrices(), "lr_scale": params.muon_lr / params.learning_rate}],
         lr=params.muon_lr,
@@ -211,7 +230,7 @@ def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> tor
         compile=device.type == "cuda" and uses_compile(device, params.compile),
         row_blocks=model.stacked_matrices(),
     )
-    return Optimizers(adamw=adamw(rest, params, device), muon=muon)
+    return Optimizers(adamw=adamw(rest, params, device), muon=muon, **optimizers)
 
 
 def learning_rate_at(step: int, params: TrainParams) -> float:

@@ -37,9 +37,11 @@ class KVCache:
         return k, v
 
 
-def token_before(idx, length: int):
-    """The token before the last `length` of `idx` (its bigram's first half), or None if there is none."""
-    return idx[:, -length - 1 : -length] if idx.size(1) > length else None
+def tokens_before(model: GPT, idx, length: int):
+    """The tokens before the last `length` of `idx` that the model's lookups read (`GPT.lookback`:
+    a bigram's first half, an n-gram's first n - 1), or None if there are none."""
+    start = max(0, idx.size(1) - length - model.lookback)
+    return idx[:, start:-length] if model.lookback and idx.size(1) > length else None
 
 
 def recompute(model: GPT, idx):
@@ -47,9 +49,9 @@ def recompute(model: GPT, idx):
     rotary ones, the tokens the last position depends on, at their own positions."""
     if not model.rotary:
         field = min(idx.size(1), model.config.block_size)
-        return model(idx[:, -field:], before=token_before(idx, field))
+        return model(idx[:, -field:], before=tokens_before(model, idx, field))
     field = min(idx.size(1), model.receptive_field())
-    return model(idx[:, -field:], start=idx.size(1) - field, before=token_before(idx, field))
+    return model(idx[:, -field:], start=idx.size(1) - field, before=tokens_before(model, idx, field))
 
 
 def fill_cache(model: GPT, idx) -> tuple[KVCache, torch.Tensor]:
@@ -60,7 +62,7 @@ def fill_cache(model: GPT, idx) -> tuple[KVCache, torch.Tensor]:
     cache = KVCache(model.config.n_layer, keep)
     field = min(idx.size(1), model.receptive_field()) if model.rotary else idx.size(1)
     cache.length = idx.size(1) - field
-    logits, _ = model(idx[:, -field:], cache=cache, before=token_before(idx, field))
+    logits, _ = model(idx[:, -field:], cache=cache, before=tokens_before(model, idx, field))
     return cache, logits
 
 
@@ -97,7 +99,7 @@ def generate(
         elif cache is None:
             cache, logits = fill_cache(model, idx)
         else:
-            logits, _ = model(idx[:, -1:], cache=cache, before=idx[:, -2:-1])
+            logits, _ = model(idx[:, -1:], cache=cache, before=tokens_before(model, idx, 1))
         if temperature == 0:
             next_idx = logits[:, -1, :].argmax(dim=-1, keepdim=True)
         else:

@@ -240,7 +240,7 @@ def _train(model, dataset, params, device, callbacks: TrainCallbacks, progress, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.dense_parameters(), params.grad_clip)
         optimizer.step()
         if device.type == "cuda":  # count the step's queued GPU work in its own time, not in the next step's
             torch.cuda.synchronize(device)

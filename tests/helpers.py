@@ -33,6 +33,7 @@ TINY_BY_KIND = {
         "train.eval_interval=10",
         "train.batch_size=4",
         "model.block_size=32",
+        "model.ngram_rows=[64,128]",  # the default's code path, at a size that writes checkpoints fast
         "sample.max_new_tokens=20",
     ],
 }

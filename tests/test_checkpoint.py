@@ -37,17 +37,18 @@ def test_round_trip_gives_the_same_model(saved):
     assert not list(path.parent.glob(".*.tmp")), "no temporary file is left behind"
 
 
-def test_a_checkpoint_saved_before_bigram_embeddings_existed_loads_without_them(tmp_path):
+def test_a_checkpoint_saved_before_bigram_and_ngram_embeddings_existed_loads_without_them(tmp_path):
     params = tiny_params("shakespeare")
     vocab = Vocabulary.from_text(" ACELNORST")
-    model = build_model(dataclasses.replace(params.model, bigram_embedding=False), vocab.size, 0)
+    model = build_model(dataclasses.replace(params.model, bigram_embedding=False, ngram_rows=()), vocab.size, 0)
     path = tmp_path / "old.pt"
     save_checkpoint(path, model, make_optimizer(model, params.train, torch.device("cpu")), vocab, 3, 2.0)
     state = torch.load(path, weights_only=True)
-    del state["model_config"]["bigram_embedding"]  # as the code before the option saved it
+    del state["model_config"]["bigram_embedding"], state["model_config"]["ngram_rows"]  # as older code saved it
     torch.save(state, path)
     checkpoint = load_checkpoint(path)
     assert not checkpoint.model.config.bigram_embedding and params.model.bigram_embedding
+    assert checkpoint.model.config.ngram_rows == () and params.model.ngram_rows
     idx = torch.randint(vocab.size, (2, 6))
     torch.testing.assert_close(checkpoint.model(idx)[0], model.eval()(idx)[0])
 

@@ -70,7 +70,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+        strided = (t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.layout == torch.strided)
+        for storage in (t.untyped_storage() for t in strided):  # a sparse gradient: its parts
             if storage.data_ptr() not in self.sizes:
                 self.sizes[storage.data_ptr()] = storage.nbytes()
                 self.live += storage.nbytes()
@@ -125,7 +126,7 @@ def test_what_cannot_fit_is_refused_with_both_figures_and_the_key():
 
 def test_a_long_prompt_samples_from_its_receptive_field_only():
     """The estimate of a prompt of 10^5 characters is its tokens and one window, not a 10^5-square mask."""
-    config = ModelConfig(block_size=32, n_layer=1, n_embd=32)
+    config = ModelConfig(block_size=32, n_layer=1, n_embd=32, ngram_rows=())
     long, short = (sampling_estimate(config, 65, 2, length, 20) for length in (100_000, 40))
     assert long.parts["activations"] == short.parts["activations"]
     assert long.parts["tokens"] == 8 * 2 * 100_020 and long.total - long.parts["the stage's own"] < 10 * 2**20
@@ -134,7 +135,8 @@ def test_a_long_prompt_samples_from_its_receptive_field_only():
 def test_a_bigram_table_too_large_for_memory_is_refused_naming_its_key():
     """Its rows grow with the square of the vocabulary: 20,000 characters make 4·10^8 of them."""
     params = tiny_params("shakespeare")
-    with pytest.raises(PipelineError, match=r"lower shakespeare\.model\.n_layer, n_embd or bigram_embedding"):
+    keys = r"lower shakespeare\.model\.n_layer, n_embd, bigram_embedding or ngram_rows"
+    with pytest.raises(PipelineError, match=keys):
         check_model_fits(params, 20_000, torch.device("cpu"), "shakespeare")
     without = dataclasses.replace(params, model=dataclasses.replace(params.model, bigram_embedding=False))
     check_model_fits(without, 20_000, torch.device("cpu"), "shakespeare")

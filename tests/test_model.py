@@ -153,6 +153,7 @@ MODERN = dict(
         {"tie_embeddings": False},
         {"logit_softcap": 10.0},
         {"bigram_embedding": True},
+        {"ngram_rows": (13, 17)},
         MODERN,
     ],
 )
@@ -205,8 +206,20 @@ def test_hidden_matrices_are_the_blocks_2d_weights_only():
 
 @pytest.mark.parametrize(
     "block, new_tokens",
-    [({"block_size": 8}, 14), ({"block_size": 8, "bigram_embedding": True}, 14), ({"block_size": 6, **MODERN}, 30)],
-    ids=["learned positions", "learned positions and bigrams", "rotary positions and bigrams"],
+    [
+        ({"block_size": 8}, 14),
+        ({"block_size": 8, "bigram_embedding": True}, 14),
+        ({"block_size": 6, **MODERN}, 30),
+        ({"block_size": 8, "bigram_embedding": True, "ngram_rows": (7, 5, 3)}, 14),
+        ({"block_size": 6, **MODERN, "ngram_rows": (7, 5, 3)}, 30),
+    ],
+    ids=[
+        "learned positions",
+        "learned positions and bigrams",
+        "rotary positions and bigrams",
+        "learned positions and n-grams",
+        "rotary positions and n-grams",
+    ],
 )
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 3)])
 def test_generation_with_the_cache_gives_the_same_tokens_as_without_far_past_block_size(
@@ -253,6 +266,31 @@ def test_the_token_before_a_window_changes_its_logits_through_its_first_bigram()
     unseen, seen = model(idx)[0], model(idx, before=torch.tensor([[4]]))[0]
     assert not torch.allclose(unseen, seen)
     torch.testing.assert_close(model(idx, before=torch.tensor([[4]]))[0], seen)
+
+
+def test_an_ngram_row_depends_on_its_last_n_tokens_alone_and_unseen_ones_count_as_one_symbol():
+    model = GPT(config(ngram_rows=(1000, 1000)))  # 3- and 4-grams
+    a = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    b = torch.tensor([[9, 9, 3, 4, 5, 6]])  # the same tokens from position 2 on
+    (tri_a, quad_a), (tri_b, quad_b) = model.ngrams(a), model.ngrams(b)
+    assert torch.equal(tri_a[:, 4:], tri_b[:, 4:]) and not torch.equal(tri_a[:, 3], tri_b[:, 3])
+    assert torch.equal(quad_a[:, 5:], quad_b[:, 5:]) and not torch.equal(quad_a[:, 4], quad_b[:, 4])
+    assert all(rows.min() >= 0 and rows.max() < 1000 for rows in model.ngrams(torch.randint(11, (8, 16))))
+    # the tokens before a window: the same rows as the longer sequence's; none before: "not seen"
+    whole = model.ngrams(torch.tensor([[7, 8, 9, 1, 2, 3, 4, 5, 6]]))
+    for rows, rows_whole in zip(model.ngrams(a, before=torch.tensor([[7, 8, 9]])), whole):
+        assert torch.equal(rows, rows_whole[:, 3:])
+    assert not torch.equal(model.ngrams(a)[1][:, 0], whole[1][:, 3])
+    assert model.lookback == 3 and GPT(config(bigram_embedding=True)).lookback == 1 and GPT(config()).lookback == 0
+
+
+def test_the_lookup_tables_are_the_bigram_and_ngram_tables_and_clipping_leaves_them_out():
+    model = GPT(config(bigram_embedding=True, ngram_rows=(13, 17)))
+    tables = {id(table.weight) for table in model.lookup_tables()}
+    assert tables == {id(model.transformer.bte.weight)} | {id(t.weight) for t in model.transformer.nte}
+    assert [t.num_embeddings for t in model.transformer.nte] == [13, 17]
+    dense = model.dense_parameters()
+    assert not tables & {id(p) for p in dense} and len(dense) + 3 == len(list(model.parameters()))
 
 
 def test_rotary_generation_feeds_one_token_per_step_however_long_the_sample():

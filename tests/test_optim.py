@@ -244,3 +244,29 @@ def test_a_checkpoint_of_torch_muons_state_resumes_with_its_momentum(toy, tmp_pa
     assert current.optimizers["muon"].param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     current.step()  # and steps on from it
     assert all(torch.isfinite(p).all() for p in model.hidden_matrices())
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_the_lookup_tables_step_sparsely_on_the_cpu_at_their_own_rate(optimizer):
+    """SparseAdam moves the rows a batch read and no other; their rate is lookup_lr_scale of the schedule's."""
+    params = tiny_params(
+        "shakespeare", f"shakespeare.train.optimizer={optimizer}", "shakespeare.train.lookup_lr_scale=0.25"
+    )
+    model = build_model(params.model, 11, 0)
+    optimizer_ = make_optimizer(model, params.train, torch.device("cpu"))
+    lookups = optimizer_.optimizers["lookups"]
+    assert isinstance(lookups, torch.optim.SparseAdam)
+    assert {id(p) for p in lookups.param_groups[0]["params"]} == {id(t.weight) for t in model.lookup_tables()}
+    set_learning_rate(optimizer_, 1e-3)
+    assert lookups.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    before = [t.weight.detach().clone() for t in model.lookup_tables()]
+    idx = torch.randint(11, (2, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(t.weight.grad.is_sparse for t in model.lookup_tables())
+    optimizer_.step()
+    bigram_rows = set(model.bigrams(idx).flatten().tolist())
+    moved = (model.transformer.bte.weight != before[0]).any(dim=1).nonzero().flatten().tolist()
+    assert set(moved) == bigram_rows
+    for table, old, rows in zip(model.transformer.nte, before[1:], model.ngrams(idx)):
+        assert set((table.weight != old).any(dim=1).nonzero().flatten().tolist()) == set(rows.flatten().tolist())

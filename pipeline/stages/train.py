@@ -125,8 +125,10 @@ def explained(paths: ExamplePaths, checkpoints: TrainingCheckpoints):
 
 def check_model_fits(params: ExampleParams, vocab_size: int, device, example: str) -> None:
     """Refuse now, before the model is built or an MLflow run starts, what the device cannot hold."""
-    model_keys = "n_layer, n_embd or bigram_embedding" if params.model.bigram_embedding else "n_layer or n_embd"
-    keys = (f"{example}.train.batch_size or {example}.model.block_size", f"{example}.model.{model_keys}")
+    tables = [key for key in ("bigram_embedding", "ngram_rows") if getattr(params.model, key)]
+    model_keys = ["n_layer", "n_embd", *tables]
+    model_key = f"{example}.model.{', '.join(model_keys[:-1])} or {model_keys[-1]}"
+    keys = (f"{example}.train.batch_size or {example}.model.block_size", model_key)
     check_training_fits(
         params.model, vocab_size, params.train.batch_size, params.train.optimizer, device, f"training {example}", keys
     )
