@@ -240,6 +240,9 @@ class GPT(nn.Module):
                     torch.nn.init.zeros_(p)
         if config.zero_init and not config.tie_embeddings:
             torch.nn.init.zeros_(self.lm_head.weight)
+        for table in self.transformer.nte if config.ngram_rows else []:
+            # a hashed row adds nothing until batches have read it (docs/performance.md, 2026-12-05)
+            torch.nn.init.zeros_(table.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

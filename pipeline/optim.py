@@ -194,19 +194,26 @@ def adamw(groups: list[dict], params: TrainParams, device: torch.device) -> torc
 
 
 def lookups(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.Optimizer:
-    """Adam, without weight decay, for the bigram and n-gram tables. A step reads a few thousand of
-    their rows: on the CPU their gradients are sparse and SparseAdam updates those rows alone,
-    where a dense AdamW step over a 4.2 M-number trigram table made Shakespeare's step 35 % slower
-    (docs/performance.md); on a GPU (or compiled) they stay dense, for one fused update."""
-    tables = model.lookup_tables()
+    """Adam, without weight decay, for the bigram and n-gram tables, each kind at its own rate. A step
+    reads a few thousand of their rows: on the CPU their gradients are sparse and SparseAdam updates
+    those rows alone, where a dense AdamW step over a 4.2 M-number trigram table made Shakespeare's
+    step 35 % slower (docs/performance.md); on a GPU (or compiled) they stay dense, for one fused update."""
     sparse = device.type == "cpu" and not uses_compile(device, params.compile)
-    for table in tables:
+    for table in model.lookup_tables():
         table.sparse = sparse
-    group = {"params": [table.weight for table in tables], "lr_scale": params.lookup_lr_scale}
-    lr, betas = params.learning_rate * params.lookup_lr_scale, (params.beta1, params.beta2)
+    kinds = [
+        ([model.transformer.bte] if model.config.bigram_embedding else [], params.bigram_lr_scale),
+        (list(model.transformer.nte) if model.config.ngram_rows else [], params.ngram_lr_scale),
+    ]
+    groups = [
+        {"params": [table.weight for table in tables], "lr_scale": scale, "lr": params.learning_rate * scale}
+        for tables, scale in kinds
+        if tables
+    ]
+    betas = (params.beta1, params.beta2)
     if sparse:
-        return torch.optim.SparseAdam([group], lr=lr, betas=betas)
-    return torch.optim.Adam([group], lr=lr, betas=betas, fused=device.type == "cuda")
+        return torch.optim.SparseAdam(groups, betas=betas)
+    return torch.optim.Adam(groups, betas=betas, fused=device.type == "cuda")
 
 
 def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.Optimizer | Optimizers:

@@ -142,6 +142,14 @@ MODERN = dict(
 )
 
 
+def with_trained_ngram_rows(model: GPT) -> GPT:
+    """A fresh model's n-gram rows are zero, which would leave their path out of a test: give them values."""
+    with torch.no_grad():
+        for table in getattr(model.transformer, "nte", []):
+            table.weight.normal_(std=0.5)
+    return model
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -159,7 +167,7 @@ MODERN = dict(
 )
 def test_every_block_option_trains_causally_and_changes_the_model(overrides):
     torch.manual_seed(4)
-    classic, model = GPT(config()).eval(), GPT(config(**overrides)).eval()
+    classic, model = GPT(config()).eval(), with_trained_ngram_rows(GPT(config(**overrides))).eval()
     idx = torch.randint(11, (2, 12))
     changed = idx.clone()
     changed[0, 7:] = (changed[0, 7:] + 1) % 11
@@ -229,7 +237,7 @@ def test_generation_with_the_cache_gives_the_same_tokens_as_without_far_past_blo
     path does. Rotary: the attention window slides; the cache keeps its speed, and the uncached
     path recomputes the tokens the last position depends on, at their own positions."""
     torch.manual_seed(3)
-    model = GPT(config(**block)).eval()
+    model = with_trained_ngram_rows(GPT(config(**block))).eval()
     start = torch.randint(11, (4, 3))
     outs = [
         generate(model, start, new_tokens, temperature, top_k, torch.Generator().manual_seed(5), use_cache=use_cache)
@@ -282,6 +290,21 @@ def test_an_ngram_row_depends_on_its_last_n_tokens_alone_and_unseen_ones_count_a
         assert torch.equal(rows, rows_whole[:, 3:])
     assert not torch.equal(model.ngrams(a)[1][:, 0], whole[1][:, 3])
     assert model.lookback == 3 and GPT(config(bigram_embedding=True)).lookback == 1 and GPT(config()).lookback == 0
+
+
+def test_ngram_rows_start_at_zero_and_a_learnt_row_changes_the_positions_that_read_it():
+    torch.manual_seed(0)
+    model = GPT(config(ngram_rows=(13, 17))).eval()
+    assert not any(table.weight.any() for table in model.transformer.nte)
+    idx = torch.randint(11, (1, 10))
+    trigram_rows = model.ngrams(idx)[0][0]
+    first = int((trigram_rows == trigram_rows[6]).nonzero()[0])  # the first position that reads row 6's
+    before = model(idx)[0][0]
+    with torch.no_grad():
+        model.transformer.nte[0].weight[trigram_rows[6]] = 1.0
+    after = model(idx)[0][0]
+    torch.testing.assert_close(after[:first], before[:first])
+    assert not torch.allclose(after[first], before[first])
 
 
 def test_the_lookup_tables_are_the_bigram_and_ngram_tables_and_clipping_leaves_them_out():

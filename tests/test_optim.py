@@ -248,17 +248,20 @@ def test_a_checkpoint_of_torch_muons_state_resumes_with_its_momentum(toy, tmp_pa
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_the_lookup_tables_step_sparsely_on_the_cpu_at_their_own_rate(optimizer):
-    """SparseAdam moves the rows a batch read and no other; their rate is lookup_lr_scale of the schedule's."""
-    params = tiny_params(
-        "shakespeare", f"shakespeare.train.optimizer={optimizer}", "shakespeare.train.lookup_lr_scale=0.25"
-    )
+    """SparseAdam moves the rows a batch read and no other; the bigram and the n-gram tables each step at
+    their own share of the schedule's rate."""
+    scales = ["shakespeare.train.bigram_lr_scale=0.25", "shakespeare.train.ngram_lr_scale=0.125"]
+    params = tiny_params("shakespeare", f"shakespeare.train.optimizer={optimizer}", *scales)
     model = build_model(params.model, 11, 0)
     optimizer_ = make_optimizer(model, params.train, torch.device("cpu"))
     lookups = optimizer_.optimizers["lookups"]
     assert isinstance(lookups, torch.optim.SparseAdam)
-    assert {id(p) for p in lookups.param_groups[0]["params"]} == {id(t.weight) for t in model.lookup_tables()}
+    bigram_group, ngram_group = lookups.param_groups
+    assert bigram_group["params"] == [model.transformer.bte.weight]
+    assert {id(p) for p in ngram_group["params"]} == {id(t.weight) for t in model.transformer.nte}
+    assert [g["lr"] for g in lookups.param_groups] == pytest.approx([0.25 * 4.5e-3, 0.125 * 4.5e-3])  # before a step
     set_learning_rate(optimizer_, 1e-3)
-    assert lookups.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    assert [g["lr"] for g in lookups.param_groups] == pytest.approx([2.5e-4, 1.25e-4])
     before = [t.weight.detach().clone() for t in model.lookup_tables()]
     idx = torch.randint(11, (2, 8))
     _, loss = model(idx, idx)
