@@ -259,7 +259,8 @@ def test_the_lookup_tables_step_sparsely_on_the_cpu_at_their_own_rate(optimizer)
     bigram_group, ngram_group = lookups.param_groups
     assert bigram_group["params"] == [model.transformer.bte.weight]
     assert {id(p) for p in ngram_group["params"]} == {id(t.weight) for t in model.transformer.nte}
-    assert [g["lr"] for g in lookups.param_groups] == pytest.approx([0.25 * 4.5e-3, 0.125 * 4.5e-3])  # before a step
+    lr = params.train.learning_rate  # before a step
+    assert [g["lr"] for g in lookups.param_groups] == pytest.approx([0.25 * lr, 0.125 * lr])
     set_learning_rate(optimizer_, 1e-3)
     assert [g["lr"] for g in lookups.param_groups] == pytest.approx([2.5e-4, 1.25e-4])
     before = [t.weight.detach().clone() for t in model.lookup_tables()]
@@ -273,3 +274,15 @@ def test_the_lookup_tables_step_sparsely_on_the_cpu_at_their_own_rate(optimizer)
     assert set(moved) == bigram_rows
     for table, old, rows in zip(model.transformer.nte, before[1:], model.ngrams(idx)):
         assert set((table.weight != old).any(dim=1).nonzero().flatten().tolist()) == set(rows.flatten().tolist())
+
+
+def test_compiled_the_lookup_tables_stay_dense_in_adam_and_a_missing_table_kind_has_no_group():
+    """A compiled model cannot take sparse gradients: Adam steps the tables densely, at the same rates."""
+    overrides = ["shakespeare.train.compile=true", "shakespeare.model.bigram_embedding=false"]
+    params = tiny_params("shakespeare", "shakespeare.train.ngram_lr_scale=0.125", *overrides)
+    model = build_model(params.model, 11, 0)
+    lookups = make_optimizer(model, params.train, torch.device("cpu")).optimizers["lookups"]
+    assert type(lookups) is torch.optim.Adam and not any(t.sparse for t in model.lookup_tables())
+    (group,) = lookups.param_groups
+    assert {id(p) for p in group["params"]} == {id(t.weight) for t in model.transformer.nte}
+    assert group["lr"] == pytest.approx(0.125 * params.train.learning_rate)
