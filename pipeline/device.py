@@ -40,12 +40,12 @@ def newton_schulz_dtype(device: torch.device, precision: str) -> torch.dtype:
     return torch.bfloat16 if precision != "float32" and multiplies_bf16(device) else torch.float32
 
 
-# `train.batch_size: auto`: the batch per step where the run multiplies in bf16 (a bf16 CPU, CUDA)
-# and where it multiplies in float32. On 2 AVX512-BF16 cores bf16 stepped 1.4x faster than float32,
-# and batch 48 spends that on more windows a step: a lower loss within nanoGPT's time there
-# (docs/performance.md; AMX and GPUs not measured)
-BF16_BATCH_SIZE = 48
-FLOAT32_BATCH_SIZE = 32
+# `train.batch_size: auto`: the windows a step where the run multiplies in bf16 (a bf16 CPU, CUDA)
+# and where it multiplies in float32, for the default block of 128: 3,072 and 2,048 tokens. On 2
+# AVX512-BF16 cores bf16 stepped 1.4x faster than float32, and the larger batch spends that on more
+# tokens a step: a lower loss within nanoGPT's time there (docs/performance.md; AMX and GPUs not measured)
+BF16_BATCH_SIZE = 24
+FLOAT32_BATCH_SIZE = 16
 
 
 def auto_batch_size(device_name: str, precision: str) -> int:

@@ -74,7 +74,7 @@ class TrainParams:
     threads: NonNegativeInt = 0  # CPU threads while training; 0: torch's default, one per core
     system_metrics: bool = True  # MLflow records CPU, memory (and GPU) use while training
     max_steps: PositiveInt = 1000  # on 2 cores without bf16 (AVX2) about 2 minutes, the main job's longest stage
-    # windows a step; auto: 48 where the run multiplies in bf16 (bf16 CPUs, CUDA), 32 in float32.
+    # windows a step; auto: 24 where the run multiplies in bf16 (bf16 CPUs, CUDA), 16 in float32.
     # Resolved here, so every reader and the run's logged parameters see the number
     batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH), WrapValidator(integer_or_auto)] = "auto"
     # random: windows at random offsets. passes (word lists): the next batch_size windows of the
@@ -93,7 +93,7 @@ class TrainParams:
     muon_momentum: Beta = 0.95
     # the lookup tables' Adam rates, relative to learning_rate (docs/performance.md). The bigram table:
     # 0.003 to 0.006 lower loss at 0.5 than at 1. The hashed n-gram tables, whose rows few batches read
-    # and which memorise the training split: 0.01 to 0.03 lower at 1/16 than at 0.5, on both CPU recipes
+    # and which memorise the training split: 0.009 to 0.031 lower at 1/16 than at 0.5, on both CPU recipes
     bigram_lr_scale: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = 0.5
     ngram_lr_scale: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = 0.0625
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm up, hold, decay linearly over the cooldown
