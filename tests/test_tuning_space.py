@@ -90,16 +90,17 @@ def test_the_block_and_the_optimizer_can_be_tuned_and_the_best_reads_back_as_par
         "toy.tune.space.qk_norm={choices: [false, true]}",
         "toy.tune.space.optimizer={choices: [adamw, muon]}",
         "toy.tune.space.muon_lr={low: 0.01, high: 0.05, log: true}",
+        "toy.tune.space.grad_clip={choices: [0.0, 1.0]}",
     ]
     params, tune = sweep_params(*extra)
     check_space(params, tune)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
-    for _ in range(30):
+    for _ in range(80):
         trial = study.ask()
         tuned = apply_values(params, tune, suggest(trial, tune.space, params.model.n_embd))
-        seen.add((tuned.model.positions, tuned.model.qk_norm, tuned.train.optimizer))
+        seen.add((tuned.model.positions, tuned.model.qk_norm, tuned.train.optimizer, tuned.train.grad_clip))
         study.tell(trial, 1.0)
-    assert len(seen) == 8  # every combination was drawn
+    assert len(seen) == 16  # every combination was drawn
     config = best_config(params, tune, study.best_trial, "toy")["toy"]
-    assert {"positions", "qk_norm"} <= set(config["model"]) and {"optimizer", "muon_lr"} <= set(config["train"])
+    assert {"positions", "qk_norm"} <= set(config["model"]) and {"optimizer", "muon_lr", "grad_clip"} <= set(config["train"])

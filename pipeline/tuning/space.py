@@ -86,6 +86,7 @@ class SearchSpace:
     batch_size: IntRange | None = None
     warmup_steps: IntRange | None = None
     muon_lr: FloatRange | None = None
+    grad_clip: FloatRange | None = None
     logit_softcap: FloatRange | None = None
     cooldown_fraction: FloatRange | None = None
     positions: Choice | None = None
@@ -118,6 +119,7 @@ SPACE_LIMITS = {  # (lowest allowed, upper bound excluded)
     "batch_size": (1, None),
     "warmup_steps": (0, None),
     "muon_lr": (1e-12, None),
+    "grad_clip": (0.0, None),
     "logit_softcap": (0.0, None),
     "cooldown_fraction": (1e-12, 1.0 + 1e-12),
 }
