@@ -29,9 +29,10 @@ def test_the_sweep_runs_exactly_the_queued_trials_baseline_first(swept):
     assert trials[0].user_attrs["baseline"] and trials[0].params == baseline_values(params, tune.space)
 
 
-def test_hopeless_trials_are_pruned(swept):
-    *_, study = swept
-    assert any(t.state == TrialState.PRUNED for t in study.get_trials())
+def test_hopeless_trials_are_pruned_and_only_before_their_last_step(swept):
+    _, tune, *_, study = swept
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned and all(max(t.intermediate_values) < tune.max_steps for t in pruned)
 
 
 def test_each_trial_is_a_finished_child_run_with_its_params_and_curve(swept):

@@ -112,7 +112,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, dataset: Dataset, tracker: Trac
     def report(record):
         scores.append(measure(record))
         trial.report(scores[-1], record.step)
-        if trial.should_prune():
+        if record.step < params.train.max_steps and trial.should_prune():  # a finished trial completes
             raise optuna.TrialPruned(f"{objective_label(sweep)} {scores[-1]:.4f} at step {record.step}")
 
     def finished(run_id: str, result) -> None:
