@@ -27,7 +27,7 @@ def test_the_shipped_params_file_is_valid():
     "override, message",
     [
         ("toy.model.n_embd=31", "toy.model: n_embd (31) must be divisible by n_head (2)"),
-        ("shakespeare.model.n_embd=60", "shakespeare.model: rotary positions need an even head size, not 15"),
+        ("shakespeare.model.n_embd=62", "shakespeare.model: rotary positions need an even head size, not 31"),
         ("toy.model.positions=absolute", "toy.model.positions: Input should be 'learned' or 'rotary'"),
         ("toy.train.optimizer=sgd", "toy.train.optimizer: Input should be 'adamw' or 'muon'"),
         ("toy.train.learning_rate=-0.1", "toy.train.learning_rate: Input should be greater than 0 (got -0.1)"),
