@@ -121,6 +121,16 @@ def test_a_diverging_trial_fails_and_the_sweep_goes_on(toy, tracker, monkeypatch
     assert failed_run.info.status == "FAILED" and failed_run.data.tags["optuna.trial_state"] == "FAIL"
 
 
+def test_a_trial_that_reaches_its_last_step_completes_however_it_scores(toy, tracker):
+    _, paths, _ = toy
+    params, tune = sweep_params("toy.tune.trials=3", "toy.tune.eval_interval=20", PRUNE_HARD)
+    assert tune.eval_interval == tune.max_steps  # the one report is the last step's
+    tune_example(params, paths, tracker, progress=False)
+    trials = load_study(params, tune, paths.root).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert any(t.value > trials[0].value for t in trials[1:])  # worse than the baseline: prunable before
+
+
 def test_cpu_workers_stay_on_the_cpu():
     assert worker_device("cpu", 3) == torch.device("cpu")
 
