@@ -14,7 +14,7 @@ import torch
 from pipeline.cli import add_override_arguments, given_overrides
 from pipeline.config import example_params, load_params
 from pipeline.data import Dataset, load_dataset, prepare
-from pipeline.device import cpu_flags, cpu_supports_bf16
+from pipeline.device import cpu_flags, cpu_supports_bf16, onednn_isa_cap
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import GPT
@@ -87,12 +87,13 @@ def device_name(device: torch.device) -> str:
 
 
 def cpu_class() -> str:
-    """The CPU's class, by the bf16 instructions its flags name: what decides its fast precision."""
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return "CPU with bf16 (AMX)"
-    if "avx512_bf16" in flags:
-        return "CPU with bf16 (AVX512-BF16)"
+    """The CPU's class, by the bf16 instructions its flags name: what decides its fast precision.
+    A bf16 CPU whose oneDNN is capped below them (`ONEDNN_MAX_CPU_ISA`) says so: it emulates bf16."""
+    flags, cap = cpu_flags(), onednn_isa_cap()
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            capped = f" run as one without (oneDNN capped to {cap})" if cap else ""
+            return f"CPU with bf16 ({name}){capped}"
     return "CPU without bf16 (AVX2)" if "avx2" in flags else "CPU without bf16"
 
 

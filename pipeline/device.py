@@ -2,6 +2,7 @@
 `train.precision`, which every stage honours."""
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -81,9 +82,21 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+# oneDNN, which runs torch's bf16 matrix products on the CPU, below its first instruction set with
+# bf16 products (AVX512_CORE_BF16): capped to one of these, a bf16 CPU emulates bf16 as AVX2 does
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set that `ONEDNN_MAX_CPU_ISA` (or its old name `DNNL_MAX_CPU_ISA`) caps
+    oneDNN to, if it is one without bf16 products."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cap if cap in ONEDNN_ISAS_WITHOUT_BF16 else None
+
+
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and oneDNN may use it."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and onednn_isa_cap() is None
 
 
 def setup_device(device: torch.device) -> None:
